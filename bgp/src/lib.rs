@@ -1,0 +1,1 @@
+//! tortie-bgp: a BGP-4 speaker as a library (codec, FSM, RIBs, best path, sessions).

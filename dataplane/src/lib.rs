@@ -1,0 +1,1 @@
+//! tortie-dataplane: the desired-route model and the netlink reconciler that applies it.

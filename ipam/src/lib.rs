@@ -1,0 +1,1 @@
+//! tortie-ipam: Calico-compatible block IPAM over a compare-and-swap store.
