@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what tortie's tests and demo need, idempotently: Debian packages (BGP daemons,
+# iproute2, CNI plugins, QEMU for the IPIP guest) and the Go-built kube-apiserver/etcd/kubectl.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+
+packages=(
+  iproute2 iputils-ping procps psmisc openssl nftables kmod
+  bird2 frr gobgpd exabgp
+  containernetworking-plugins
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || echo "deps: apt-get update failed; trying with the current lists" >&2
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "deps: Debian packages present" >&2
+fi
+
+# The packages' own services must not run in the root namespace: tests start their own.
+for svc in bird frr; do
+  pkill -x "$svc" 2>/dev/null || true
+done
+
+"$here/build-kube.sh"
