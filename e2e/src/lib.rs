@@ -22,3 +22,4 @@ pub fn require_root() {
         "tortie's kernel tests need root (run them as root or via `make test`)"
     );
 }
+pub mod apiserver;

@@ -1,0 +1,992 @@
+//! A real etcd + kube-apiserver pair per test, with its own CA, RBAC, an admin kubeconfig and ServiceAccount kubeconfigs.
+//!
+//! The binaries come from `e2e/scripts/build-kube.sh` (run by `make deps`). Nothing here fakes
+//! the API: objects, watches, admission and RBAC decisions are the real apiserver's.
+//!
+//! Reachability from node namespaces: by default everything listens on 127.0.0.1 of the
+//! namespace the test runs in. To serve node namespaces, either
+//! - set [`ApiServerOptions::netns`] to a namespace the nodes can route to (e.g. the router
+//!   namespace) and [`ApiServerOptions::bind_address`] to an address of that namespace; etcd,
+//!   the apiserver and every `kubectl` call then run inside it (`ip netns exec`), or
+//! - bind `0.0.0.0` and set [`ApiServerOptions::advertise_address`] to the address the nodes
+//!   use, when the test has given them a route into the namespace the apiserver runs in.
+//!
+//! Either way the serving certificate carries an IP SAN for the bind and advertise addresses,
+//! and every kubeconfig written here points at `https://<advertise address>:<port>`.
+
+use std::fmt::Write as _;
+use std::io::{BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Env var naming the directory holding `kube-apiserver`, `kubectl` and `etcd`.
+pub const KUBE_BIN_DIR_ENV: &str = "TORTIE_KUBE_BIN_DIR";
+/// Env var that turns "binaries missing" from a skip into a failure (CI sets it to 1).
+pub const REQUIRE_KUBE_ENV: &str = "TORTIE_REQUIRE_KUBE";
+/// Env var that keeps the data dir (certs, kubeconfigs, logs) after the server stops.
+pub const KEEP_DIR_ENV: &str = "TORTIE_KEEP_APISERVER_DIR";
+
+/// The issuer written into minted ServiceAccount tokens.
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kubectl"];
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const READY_POLL_INTERVAL: Duration = Duration::from_millis(200);
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
+const LOG_TAIL_LINES: usize = 40;
+
+static INSTANCE_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How to start a [`TestApiServer`].
+#[derive(Debug, Clone)]
+pub struct ApiServerOptions {
+    /// Address kube-apiserver listens on (`--bind-address`). Default 127.0.0.1.
+    pub bind_address: IpAddr,
+    /// Address written into kubeconfigs and `--advertise-address`. Default: the bind address,
+    /// or 127.0.0.1 when binding the unspecified address.
+    pub advertise_address: Option<IpAddr>,
+    /// Secure port; `None` picks a free one.
+    pub port: Option<u16>,
+    /// Run etcd, the apiserver and every kubectl call inside this network namespace.
+    pub netns: Option<String>,
+    /// Give up waiting for `/readyz` after this long.
+    pub ready_timeout: Duration,
+    /// Extra `kube-apiserver` flags, appended last so they override the defaults.
+    pub extra_apiserver_args: Vec<String>,
+}
+
+impl Default for ApiServerOptions {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_address: None,
+            port: None,
+            netns: None,
+            ready_timeout: Duration::from_secs(90),
+            extra_apiserver_args: Vec::new(),
+        }
+    }
+}
+
+impl ApiServerOptions {
+    fn effective_advertise_address(&self) -> IpAddr {
+        match self.advertise_address {
+            Some(address) => address,
+            None if self.bind_address.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            None => self.bind_address,
+        }
+    }
+}
+
+/// A running etcd + kube-apiserver owned by one test. Stops its own pids and removes its data
+/// dir on drop (the dir, minus etcd's data, is kept when the test panicked or
+/// `TORTIE_KEEP_APISERVER_DIR=1`, so its logs can be read).
+pub struct TestApiServer {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    netns: Option<String>,
+    server_url: String,
+    admin_kubeconfig: PathBuf,
+    ca_cert: PathBuf,
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    time_to_ready: Duration,
+}
+
+impl std::fmt::Debug for TestApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestApiServer")
+            .field("dir", &self.dir)
+            .field("server_url", &self.server_url)
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the kube binaries are expected: `$TORTIE_KUBE_BIN_DIR`, else `$TORTIE_CACHE/bin`,
+/// else `~/.cache/tortie/bin` (where `e2e/scripts/build-kube.sh` installs them).
+pub fn kube_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(KUBE_BIN_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    if let Some(cache) = std::env::var_os("TORTIE_CACHE") {
+        return PathBuf::from(cache).join("bin");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/tortie/bin")
+}
+
+/// The binaries missing from [`kube_bin_dir`], by name.
+pub fn missing_kube_binaries() -> Vec<&'static str> {
+    let dir = kube_bin_dir();
+    BINARIES
+        .into_iter()
+        .filter(|name| !dir.join(name).is_file())
+        .collect()
+}
+
+fn require_kube() -> bool {
+    std::env::var_os(REQUIRE_KUBE_ENV).is_some_and(|value| !value.is_empty() && value != "0")
+}
+
+impl TestApiServer {
+    /// Starts etcd and kube-apiserver and waits for `/readyz`.
+    pub fn start(options: ApiServerOptions) -> Result<Self> {
+        let bin_dir = kube_bin_dir();
+        let missing = missing_kube_binaries();
+        if !missing.is_empty() {
+            bail!(
+                "kube binaries {missing:?} not found in {} (set {KUBE_BIN_DIR_ENV} or run `make deps`, \
+                 which runs e2e/scripts/build-kube.sh)",
+                bin_dir.display()
+            );
+        }
+        let dir = create_data_dir()?;
+        let advertise = options.effective_advertise_address();
+        let mut server = Self {
+            server_url: String::new(),
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            ca_cert: dir.join("pki/ca.crt"),
+            dir,
+            bin_dir,
+            netns: options.netns.clone(),
+            etcd: None,
+            apiserver: None,
+            time_to_ready: Duration::ZERO,
+        };
+        // From here on, Drop cleans up whatever was started if a step fails.
+        let started = Instant::now();
+        let pki = server.dir.join("pki");
+        generate_pki(&pki, &[options.bind_address, advertise])?;
+
+        let etcd_client_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        server.server_url = format!("https://{}", socket_text(advertise, port));
+        server.start_etcd(etcd_client_port, etcd_peer_port)?;
+        server.start_kube_apiserver(&options, etcd_client_port, port)?;
+        write_cert_kubeconfig(
+            &server.admin_kubeconfig,
+            &server.server_url,
+            &server.ca_cert,
+            &pki.join("admin.crt"),
+            &pki.join("admin.key"),
+        )?;
+        server.wait_ready(options.ready_timeout)?;
+        server.time_to_ready = started.elapsed();
+        tracing::info!(
+            url = %server.server_url,
+            dir = %server.dir.display(),
+            ready_after_ms = server.time_to_ready.as_millis() as u64,
+            "test kube-apiserver ready"
+        );
+        Ok(server)
+    }
+
+    /// For tests: starts a server, or returns `Ok(None)` after printing a loud SKIP when the
+    /// binaries are absent and `TORTIE_REQUIRE_KUBE` is unset. With `TORTIE_REQUIRE_KUBE=1`
+    /// missing binaries are an error.
+    pub fn start_or_skip(test_name: &str, options: ApiServerOptions) -> Result<Option<Self>> {
+        let missing = missing_kube_binaries();
+        if !missing.is_empty() && !require_kube() {
+            let banner = format!(
+                "\n==================== SKIP {test_name} ====================\n\
+                 kube binaries {missing:?} not found in {}.\n\
+                 Run `make deps` (e2e/scripts/build-kube.sh) to build them; set {REQUIRE_KUBE_ENV}=1 \
+                 to make this a failure.\n\
+                 =========================================================\n",
+                kube_bin_dir().display()
+            );
+            // Straight to fd 2: the test harness captures eprintln! of passing tests, and a
+            // skip must be seen.
+            let _ = std::io::stderr().write_all(banner.as_bytes());
+            return Ok(None);
+        }
+        Self::start(options).map(Some)
+    }
+
+    /// `https://<advertise address>:<port>`.
+    pub fn server_url(&self) -> &str {
+        &self.server_url
+    }
+
+    /// Kubeconfig with cluster-admin rights (client cert CN=admin, O=system:masters).
+    pub fn admin_kubeconfig(&self) -> &Path {
+        &self.admin_kubeconfig
+    }
+
+    /// The CA that signed the serving and client certificates.
+    pub fn ca_cert(&self) -> &Path {
+        &self.ca_cert
+    }
+
+    /// This run's data dir (certs, kubeconfigs, `etcd.log`, `kube-apiserver.log`).
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long from the start of [`TestApiServer::start`] until `/readyz` answered ok.
+    pub fn time_to_ready(&self) -> Duration {
+        self.time_to_ready
+    }
+
+    /// Directory of the kubectl/etcd/kube-apiserver binaries used.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// A `kubectl` command using the admin kubeconfig (run inside the netns, if any).
+    pub fn kubectl_command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.kubectl_command_as(&self.admin_kubeconfig, args)
+    }
+
+    /// A `kubectl` command using the given kubeconfig (run inside the netns, if any).
+    pub fn kubectl_command_as<I, S>(&self, kubeconfig: &Path, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = self.command_in_netns(&self.bin_dir.join("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--request-timeout=30s")
+            .args(args);
+        command
+    }
+
+    /// Runs kubectl as admin; returns its output whatever the exit status.
+    pub fn kubectl<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run_with_timeout(self.kubectl_command(args), None, KUBECTL_TIMEOUT)
+    }
+
+    /// Runs kubectl with the given kubeconfig; returns its output whatever the exit status.
+    pub fn kubectl_as<I, S>(&self, kubeconfig: &Path, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        run_with_timeout(
+            self.kubectl_command_as(kubeconfig, args),
+            None,
+            KUBECTL_TIMEOUT,
+        )
+    }
+
+    /// Runs kubectl as admin, failing unless it exits 0; returns stdout.
+    pub fn kubectl_ok<I, S>(&self, args: I) -> Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let command = self.kubectl_command(args);
+        let described = describe(&command);
+        checked_stdout(
+            run_with_timeout(command, None, KUBECTL_TIMEOUT)?,
+            &described,
+        )
+    }
+
+    /// `kubectl apply -f -` as admin with the given manifest (YAML or JSON).
+    pub fn apply(&self, manifest: &str) -> Result<String> {
+        let command = self.kubectl_command(["apply", "-f", "-"]);
+        let described = describe(&command);
+        checked_stdout(
+            run_with_timeout(command, Some(manifest.as_bytes()), KUBECTL_TIMEOUT)?,
+            &described,
+        )
+    }
+
+    /// Starts `kubectl get <args> --watch --output-watch-events -o json` as admin and returns
+    /// a handle yielding each watch event (`{"type": ..., "object": ...}`).
+    pub fn watch<I, S>(&self, args: I) -> Result<KubectlWatch>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = self.kubectl_command(["get"]);
+        command
+            .args(args)
+            .args(["--watch", "--output-watch-events", "-o", "json"]);
+        KubectlWatch::spawn(command)
+    }
+
+    /// Ensures namespace + ServiceAccount exist, requests a token for it through the
+    /// TokenRequest API (`kubectl create token`) and writes a kubeconfig using that token.
+    /// The kubeconfig carries only the token, so its rights are exactly what RBAC grants the
+    /// ServiceAccount `system:serviceaccount:<namespace>:<name>`.
+    pub fn mint_service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let manifest = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+                {"apiVersion": "v1", "kind": "ServiceAccount",
+                 "metadata": {"name": name, "namespace": namespace}},
+            ],
+        });
+        self.apply(&manifest.to_string())
+            .with_context(|| format!("creating ServiceAccount {namespace}/{name}"))?;
+        let token = self
+            .kubectl_ok(["create", "token", name, "-n", namespace, "--duration=6h"])
+            .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?;
+        let token = token.trim();
+        if token.is_empty() {
+            bail!("TokenRequest for ServiceAccount {namespace}/{name} returned an empty token");
+        }
+        let path = self.dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
+        write_token_kubeconfig(
+            &path,
+            &self.server_url,
+            &self.ca_cert,
+            &format!("{namespace}-{name}"),
+            token,
+        )?;
+        Ok(path)
+    }
+
+    fn command_in_netns(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns.as_str()]).arg(program);
+                command
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn_logged(&self, mut command: Command, log_name: &str) -> Result<Child> {
+        let log_path = self.dir.join(log_name);
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log_path.display()))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        let described = describe(&command);
+        command
+            .spawn()
+            .with_context(|| format!("spawning {described}"))
+    }
+
+    fn start_etcd(&mut self, client_port: u16, peer_port: u16) -> Result<()> {
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let mut command = self.command_in_netns(&self.bin_dir.join("etcd"));
+        command
+            .arg("--name=tortie-test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.join("etcd-data").display()
+            ))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=tortie-test={peer_url}"))
+            .arg("--initial-cluster-state=new")
+            // A throwaway store: durability buys nothing and fsync dominates start-up on slow disks.
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        self.etcd = Some(self.spawn_logged(command, "etcd.log")?);
+        Ok(())
+    }
+
+    fn start_kube_apiserver(
+        &mut self,
+        options: &ApiServerOptions,
+        etcd_port: u16,
+        port: u16,
+    ) -> Result<()> {
+        let pki = self.dir.join("pki");
+        let file = |name: &str| pki.join(name).display().to_string();
+        let mut command = self.command_in_netns(&self.bin_dir.join("kube-apiserver"));
+        command
+            .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+            .arg(format!("--bind-address={}", options.bind_address))
+            .arg(format!(
+                "--advertise-address={}",
+                options.effective_advertise_address()
+            ))
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", pki.display()))
+            .arg(format!("--tls-cert-file={}", file("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", file("apiserver.key")))
+            .arg(format!("--client-ca-file={}", file("ca.crt")))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                file("sa.key")
+            ))
+            .arg(format!("--service-account-key-file={}", file("sa.pub")))
+            // A logical range only: no Service traffic flows in the test bed.
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--allow-privileged=true")
+            .arg("--profiling=false")
+            .arg("--v=1")
+            .args(&options.extra_apiserver_args);
+        self.apiserver = Some(self.spawn_logged(command, "kube-apiserver.log")?);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last_answer = String::from("no answer yet");
+        // Bounded by the deadline; each probe is one short kubectl call.
+        while Instant::now() < deadline {
+            self.ensure_children_running()?;
+            let mut probe = self.kubectl_command(["get", "--raw", "/readyz"]);
+            probe.arg("--request-timeout=5s");
+            match run_with_timeout(probe, None, Duration::from_secs(10)) {
+                Ok(output) if output.status.success() => return Ok(()),
+                Ok(output) => {
+                    last_answer = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&output.stdout),
+                        String::from_utf8_lossy(&output.stderr)
+                    )
+                }
+                Err(error) => last_answer = format!("{error:#}"),
+            }
+            thread::sleep(READY_POLL_INTERVAL);
+        }
+        bail!(
+            "kube-apiserver at {} not ready after {timeout:?}; last /readyz answer: {}\n{}",
+            self.server_url,
+            last_answer.trim(),
+            self.log_tails()
+        )
+    }
+
+    fn ensure_children_running(&mut self) -> Result<()> {
+        let mut exited = None;
+        for (name, child) in [
+            ("etcd", &mut self.etcd),
+            ("kube-apiserver", &mut self.apiserver),
+        ] {
+            if let Some(process) = child
+                && let Some(status) = process
+                    .try_wait()
+                    .with_context(|| format!("checking {name}"))?
+            {
+                // Reaped: Drop must not signal this pid again.
+                *child = None;
+                exited = Some((name, status));
+                break;
+            }
+        }
+        match exited {
+            Some((name, status)) => {
+                bail!("{name} exited early with {status}\n{}", self.log_tails())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The last lines of etcd.log and kube-apiserver.log, for error messages.
+    pub fn log_tails(&self) -> String {
+        let mut text = String::new();
+        for name in ["etcd.log", "kube-apiserver.log"] {
+            let path = self.dir.join(name);
+            let content = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = content.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            let _ = writeln!(
+                text,
+                "--- last {} lines of {} ---",
+                tail.len(),
+                path.display()
+            );
+            for line in tail {
+                let _ = writeln!(text, "{line}");
+            }
+        }
+        text
+    }
+
+    fn stop_children(&mut self) {
+        // The apiserver first, so it does not log a storm of etcd connection errors.
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            stop_child(child);
+        }
+    }
+}
+
+impl Drop for TestApiServer {
+    fn drop(&mut self) {
+        self.stop_children();
+        let keep = thread::panicking()
+            || std::env::var_os(KEEP_DIR_ENV)
+                .is_some_and(|value| !value.is_empty() && value != "0");
+        if keep {
+            // etcd preallocates a large WAL; the logs and certs are what a debugger needs.
+            let _ = std::fs::remove_dir_all(self.dir.join("etcd-data"));
+            eprintln!(
+                "tortie-e2e: kept test apiserver dir {} (logs: etcd.log, kube-apiserver.log)",
+                self.dir.display()
+            );
+        } else if let Err(error) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!(
+                "tortie-e2e: could not remove {}: {error}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// A running `kubectl get --watch` whose JSON events arrive on a channel; killed on drop.
+pub struct KubectlWatch {
+    child: Option<Child>,
+    events: Receiver<Result<serde_json::Value, String>>,
+}
+
+impl KubectlWatch {
+    fn spawn(mut command: Command) -> Result<Self> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let described = describe(&command);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("spawning {described}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{described}: stdout was not captured"))?;
+        let stderr = child.stderr.take();
+        let (sender, events) = channel();
+        thread::spawn(move || forward_json_stream(stdout, stderr, sender));
+        Ok(Self {
+            child: Some(child),
+            events,
+        })
+    }
+
+    /// The next watch event, or an error once `deadline` passes or the watch ends.
+    pub fn next_event(&self, deadline: Instant) -> Result<serde_json::Value> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match self.events.recv_timeout(remaining) {
+            Ok(Ok(event)) => Ok(event),
+            Ok(Err(reason)) => bail!("kubectl watch ended: {reason}"),
+            Err(RecvTimeoutError::Timeout) => bail!("no watch event before the deadline"),
+            Err(RecvTimeoutError::Disconnected) => bail!("kubectl watch ended"),
+        }
+    }
+
+    /// Reads events until one satisfies `predicate`; errors at `deadline`.
+    pub fn wait_for(
+        &self,
+        deadline: Instant,
+        mut predicate: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        // Bounded by the deadline: next_event never waits past it.
+        loop {
+            let event = self.next_event(deadline)?;
+            if predicate(&event) {
+                return Ok(event);
+            }
+        }
+    }
+}
+
+impl Drop for KubectlWatch {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn forward_json_stream(
+    stdout: ChildStdout,
+    stderr: Option<std::process::ChildStderr>,
+    sender: std::sync::mpsc::Sender<Result<serde_json::Value, String>>,
+) {
+    let stream = serde_json::Deserializer::from_reader(BufReader::new(stdout)).into_iter();
+    for item in stream {
+        let message = item.map_err(|error| format!("bad JSON from kubectl: {error}"));
+        let failed = message.is_err();
+        if sender.send(message).is_err() || failed {
+            return;
+        }
+    }
+    let mut stderr_text = String::new();
+    if let Some(mut stderr) = stderr {
+        let _ = stderr.read_to_string(&mut stderr_text);
+    }
+    let _ = sender.send(Err(format!(
+        "stdout closed; stderr: {}",
+        stderr_text.trim()
+    )));
+}
+
+fn stop_child(mut child: Child) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    };
+    // SIGTERM lets etcd and the apiserver shut down cleanly; SIGKILL after the grace period.
+    // SAFETY: kill(2) on the pid of a child we spawned and have not yet reaped.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) => thread::sleep(Duration::from_millis(50)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn create_data_dir() -> Result<PathBuf> {
+    // tmpfs when available: etcd writes a lot and the data is thrown away.
+    let base = std::env::var_os("TORTIE_APISERVER_DIR_BASE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let shm = PathBuf::from("/dev/shm");
+            if shm.is_dir() {
+                shm
+            } else {
+                std::env::temp_dir()
+            }
+        });
+    let dir = base.join(format!(
+        "tortie-apiserver-{}-{}",
+        std::process::id(),
+        INSTANCE_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing stale {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir.join("pki"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the free port")?
+        .port())
+}
+
+fn socket_text(address: IpAddr, port: u16) -> String {
+    match address {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// CA, serving cert (SANs for loopback, the given addresses and the in-cluster names),
+/// admin client cert (O=system:masters) and the ServiceAccount signing key pair.
+fn generate_pki(pki: &Path, addresses: &[IpAddr]) -> Result<()> {
+    let path = |name: &str| pki.join(name).display().to_string();
+    let ec_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        pki,
+        &[
+            &["req", "-x509"][..],
+            &ec_key,
+            &[
+                "-keyout",
+                &path("ca.key"),
+                "-out",
+                &path("ca.crt"),
+                "-days",
+                "7",
+            ],
+            &["-subj", "/CN=tortie-test-ca"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &[
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            ],
+        ]
+        .concat(),
+    )?;
+
+    let mut sans: Vec<String> = [
+        "DNS:localhost",
+        "DNS:kubernetes",
+        "DNS:kubernetes.default",
+        "DNS:kubernetes.default.svc",
+        "DNS:kubernetes.default.svc.cluster.local",
+        "IP:127.0.0.1",
+        "IP:::1",
+        "IP:10.96.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    for address in addresses {
+        let san = format!("IP:{address}");
+        if !address.is_unspecified() && !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    issue_cert(
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
+        &format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName={}\n",
+            sans.join(",")
+        ),
+    )?;
+    issue_cert(
+        pki,
+        "admin",
+        "/O=system:masters/CN=admin",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=clientAuth\n",
+    )?;
+
+    openssl(
+        pki,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &path("sa.key"),
+        ],
+    )?;
+    openssl(
+        pki,
+        &[
+            "ec",
+            "-in",
+            &path("sa.key"),
+            "-pubout",
+            "-out",
+            &path("sa.pub"),
+        ],
+    )?;
+    Ok(())
+}
+
+fn issue_cert(pki: &Path, name: &str, subject: &str, extensions: &str) -> Result<()> {
+    let path = |suffix: &str| pki.join(format!("{name}{suffix}")).display().to_string();
+    std::fs::write(path(".ext"), extensions)
+        .with_context(|| format!("writing {}", path(".ext")))?;
+    openssl(
+        pki,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &path(".key"),
+            "-out",
+            &path(".csr"),
+            "-subj",
+            subject,
+        ],
+    )?;
+    let ca_cert = pki.join("ca.crt").display().to_string();
+    let ca_key = pki.join("ca.key").display().to_string();
+    openssl(
+        pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &path(".csr"),
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "7",
+            "-sha256",
+            "-extfile",
+            &path(".ext"),
+            "-out",
+            &path(".crt"),
+        ],
+    )?;
+    Ok(())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let mut command = Command::new("openssl");
+    command.current_dir(dir).args(args);
+    let described = describe(&command);
+    let output = run_with_timeout(command, None, Duration::from_secs(30))
+        .context("running openssl (is the openssl CLI installed? `make deps` installs it)")?;
+    checked_stdout(output, &described).map(drop)
+}
+
+fn write_cert_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<()> {
+    let user = serde_json::json!({
+        "client-certificate": cert,
+        "client-key": key,
+    });
+    write_kubeconfig(path, server, ca, "admin", user)
+}
+
+fn write_token_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user_name: &str,
+    token: &str,
+) -> Result<()> {
+    write_kubeconfig(
+        path,
+        server,
+        ca,
+        user_name,
+        serde_json::json!({ "token": token }),
+    )
+}
+
+/// Kubeconfig is YAML, and JSON is YAML: serde_json keeps quoting right.
+fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user_name: &str,
+    user: serde_json::Value,
+) -> Result<()> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "tortie-test", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": user_name, "user": user}],
+        "contexts": [{"name": "tortie-test", "context": {"cluster": "tortie-test", "user": user_name}}],
+        "current-context": "tortie-test",
+    });
+    let text = serde_json::to_string_pretty(&config).context("encoding kubeconfig")?;
+    std::fs::write(path, text).with_context(|| format!("writing kubeconfig {}", path.display()))
+}
+
+fn describe(command: &Command) -> String {
+    let mut text = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        text.push(' ');
+        text.push_str(&arg.to_string_lossy());
+    }
+    text
+}
+
+fn checked_stdout(output: Output, described: &str) -> Result<String> {
+    if !output.status.success() {
+        bail!(
+            "`{described}` failed with {}: {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
+        );
+    }
+    String::from_utf8(output.stdout).with_context(|| format!("`{described}` printed non-UTF-8"))
+}
+
+/// Runs a command to completion, killing it at `timeout`; optional stdin.
+fn run_with_timeout(
+    mut command: Command,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output> {
+    let described = describe(&command);
+    command
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("spawning `{described}`"))?;
+    if let Some(input) = stdin {
+        let mut pipe = child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("`{described}`: stdin was not captured"))?;
+        let input = input.to_vec();
+        // A writer thread so a large manifest cannot deadlock against unread output.
+        thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
+    let pid = child.id();
+    let (done_sender, done) = channel::<()>();
+    let watchdog = thread::spawn(move || {
+        if done.recv_timeout(timeout) == Err(RecvTimeoutError::Timeout) {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) on our own child, which wait_with_output has not reaped yet
+                // (it is still blocked reading the child's pipes).
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            true
+        } else {
+            false
+        }
+    });
+    let output = child.wait_with_output();
+    let _ = done_sender.send(());
+    let timed_out = watchdog.join().unwrap_or(false);
+    let output = output.with_context(|| format!("waiting for `{described}`"))?;
+    if timed_out {
+        bail!("`{described}` timed out after {timeout:?}");
+    }
+    Ok(output)
+}
