@@ -174,6 +174,9 @@ impl TestApiServer {
         };
         server.server_url = format!("https://{}", socket_text(advertise, port));
         server.start_etcd(etcd_client_port, etcd_peer_port)?;
+        // The apiserver's etcd client backs off for about a second after a refused connect;
+        // starting it once etcd listens makes the whole start-up faster.
+        server.wait_etcd_listening(etcd_client_port, options.ready_timeout)?;
         server.start_kube_apiserver(&options, etcd_client_port, port)?;
         write_cert_kubeconfig(
             &server.admin_kubeconfig,
@@ -414,6 +417,23 @@ impl TestApiServer {
         Ok(())
     }
 
+    fn wait_etcd_listening(&mut self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let netns = self.netns.clone();
+        // Bounded by the deadline; each probe is one loopback connect.
+        while Instant::now() < deadline {
+            self.ensure_children_running()?;
+            if loopback_port_open(netns.as_deref(), port)? {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "etcd not listening on 127.0.0.1:{port} after {timeout:?}\n{}",
+            self.log_tails()
+        )
+    }
+
     fn start_kube_apiserver(
         &mut self,
         options: &ApiServerOptions,
@@ -446,6 +466,9 @@ impl TestApiServer {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--profiling=false")
+            // Loopback advertise addresses are invalid Endpoints: without this the apiserver
+            // logs an error every few seconds trying to publish the `kubernetes` Service.
+            .arg("--endpoint-reconciler-type=none")
             .arg("--v=1")
             .args(&options.extra_apiserver_args);
         self.apiserver = Some(self.spawn_logged(command, "kube-apiserver.log")?);
@@ -547,7 +570,9 @@ impl Drop for TestApiServer {
         if keep {
             // etcd preallocates a large WAL; the logs and certs are what a debugger needs.
             let _ = std::fs::remove_dir_all(self.dir.join("etcd-data"));
-            eprintln!(
+            // Straight to fd 2 so the path shows even when the harness captures output.
+            let _ = writeln!(
+                std::io::stderr(),
                 "tortie-e2e: kept test apiserver dir {} (logs: etcd.log, kube-apiserver.log)",
                 self.dir.display()
             );
@@ -695,6 +720,37 @@ fn create_data_dir() -> Result<PathBuf> {
     std::fs::create_dir_all(dir.join("pki"))
         .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+/// True when something accepts TCP on 127.0.0.1:`port` of `netns` (or of this namespace).
+fn loopback_port_open(netns: Option<&str>, port: u16) -> Result<bool> {
+    let connect = move || {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+    };
+    let Some(netns) = netns else {
+        return Ok(connect());
+    };
+    let path = format!("/var/run/netns/{netns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    // setns affects only the calling thread, so a short-lived thread does the connect.
+    thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<bool> {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on this thread only; `file` stays open for the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    bail!("setns into {path}: {}", std::io::Error::last_os_error());
+                }
+                Ok(connect())
+            })
+            .join()
+            .map_err(|_| anyhow!("netns probe thread panicked"))?
+    })
 }
 
 fn free_port() -> Result<u16> {
