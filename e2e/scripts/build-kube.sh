@@ -69,8 +69,9 @@ KUBE_MINOR_TAG="v0.${KUBE_VERSION#v1.}" # v1.36.2 -> v0.36.2
 KUBE_DIR="$WORK/kubernetes-$KUBE_VERSION"
 mkdir -p "$KUBE_DIR"
 log "resolving k8s.io/kubernetes@$KUBE_VERSION"
-upstream_gomod="$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" |
-  sed -nE 's/^[[:space:]]*"GoMod": "(.*)",?$/\1/p')"
+download_json="$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION")" ||
+  die "go mod download k8s.io/kubernetes@$KUBE_VERSION failed (GOPROXY=$(go env GOPROXY)): ${download_json:-see above}"
+upstream_gomod="$(sed -nE 's/^[[:space:]]*"GoMod": "(.*)",?$/\1/p' <<<"$download_json")"
 [[ -f "$upstream_gomod" ]] || die "could not download go.mod of k8s.io/kubernetes@$KUBE_VERSION (is the Go module proxy reachable? GOPROXY=$(go env GOPROXY))"
 staging_modules="$(sed -nE 's#^[[:space:]]*(k8s\.io/[A-Za-z0-9._-]+) => \./staging/.*#\1#p' "$upstream_gomod")"
 [[ -n "$staging_modules" ]] || die "found no staging replace directives in $upstream_gomod"
