@@ -1,1 +1,3 @@
 //! tortie-bgp: a BGP-4 speaker as a library (codec, FSM, RIBs, best path, sessions).
+
+pub mod wire;
