@@ -54,7 +54,8 @@ pub struct ApiServerOptions {
     pub advertise_address: Option<IpAddr>,
     /// Secure port; `None` picks a free one.
     pub port: Option<u16>,
-    /// Run etcd, the apiserver and every kubectl call inside this network namespace.
+    /// Run etcd, the apiserver and every kubectl call inside this network namespace (its
+    /// loopback must be up: etcd listens on 127.0.0.1 there).
     pub netns: Option<String>,
     /// Give up waiting for `/readyz` after this long.
     pub ready_timeout: Duration,
@@ -1045,4 +1046,56 @@ fn run_with_timeout(
         bail!("`{described}` timed out after {timeout:?}");
     }
     Ok(output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_bind_address_advertises_loopback() {
+        let options = ApiServerOptions {
+            bind_address: "0.0.0.0".parse().unwrap(),
+            ..ApiServerOptions::default()
+        };
+        assert_eq!(
+            options.effective_advertise_address(),
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
+    }
+
+    #[test]
+    fn explicit_advertise_address_wins_over_bind_address() {
+        let options = ApiServerOptions {
+            bind_address: "0.0.0.0".parse().unwrap(),
+            advertise_address: Some("10.250.0.1".parse().unwrap()),
+            ..ApiServerOptions::default()
+        };
+        assert_eq!(
+            options.effective_advertise_address().to_string(),
+            "10.250.0.1"
+        );
+    }
+
+    #[test]
+    fn ipv6_server_url_brackets_the_address() {
+        assert_eq!(
+            socket_text("fd00::1".parse().unwrap(), 6443),
+            "[fd00::1]:6443"
+        );
+        assert_eq!(
+            socket_text("127.0.0.1".parse().unwrap(), 6443),
+            "127.0.0.1:6443"
+        );
+    }
+
+    #[test]
+    fn command_that_outlives_its_timeout_is_killed_and_reported() {
+        let mut command = Command::new("sleep");
+        command.arg("30");
+        let started = Instant::now();
+        let error = run_with_timeout(command, None, Duration::from_millis(200)).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(format!("{error:#}").contains("timed out"), "{error:#}");
+    }
 }
