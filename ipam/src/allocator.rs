@@ -1,0 +1,1361 @@
+//! The allocator: Calico's block IPAM algorithms (affinity claims, assignment, borrowing, release) over a [`Store`].
+//!
+//! Every write is a compare-and-swap; every retry loop is bounded by [`RetryPolicy`] and pauses
+//! with jittered exponential backoff through [`Store::backoff`]. Order of writes follows Calico so
+//! that a crash between two writes leaves something a later release or the leak collector can
+//! clean up, never a double assignment:
+//! - assign: handle count up, then block; release: block, then handle count down;
+//! - claim: pending BlockAffinity, then block, then affinity confirmed;
+//! - release affinity: affinity pendingDeletion, then block deleted (or un-affined), then affinity deleted.
+//!
+//! Per-host operations are expected to be serialized by the caller (as calico-ipam does with its
+//! host-wide lock); different hosts may run concurrently on the same store.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::block::{ip_to_ordinal, new_block, ordinal_to_ip};
+use crate::model::{
+    AffinityState, BlockAffinity, BlockAffinitySpec, IPAM_CONFIG_NAME, IpPool, IpamBlock,
+    IpamConfig, IpamHandle, IpamHandleSpec, affinity_name, attr, block_name, family, handle_name,
+};
+use crate::pool::{AllowedUse, Pool, PoolSet, validate_pools};
+use crate::store::{Store, StoreError};
+
+/// Bounds and pacing of compare-and-swap retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per object write before giving up.
+    pub max_attempts: u32,
+    /// First backoff; doubles per attempt, with full jitter.
+    pub base_delay: Duration,
+    /// Backoff ceiling.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 16,
+            base_delay: Duration::from_millis(2),
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Effective cluster IPAM settings (IPAMConfig `default` with Calico's defaults applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpamSettings {
+    /// Never borrow from blocks affine to other hosts.
+    pub strict_affinity: bool,
+    /// Hosts may claim new blocks.
+    pub auto_allocate_blocks: bool,
+    /// Most blocks a host may hold per address family.
+    pub max_blocks_per_host: u32,
+}
+
+/// What `maxBlocksPerHost: 0` (or no IPAMConfig) means.
+pub const DEFAULT_MAX_BLOCKS_PER_HOST: u32 = 20;
+
+impl Default for IpamSettings {
+    fn default() -> Self {
+        Self {
+            strict_affinity: false,
+            auto_allocate_blocks: true,
+            max_blocks_per_host: DEFAULT_MAX_BLOCKS_PER_HOST,
+        }
+    }
+}
+
+impl IpamSettings {
+    /// Settings from an IPAMConfig object.
+    pub fn from_config(config: &IpamConfig) -> Self {
+        let max = config
+            .spec
+            .max_blocks_per_host
+            .filter(|m| *m > 0)
+            .map(|m| u32::try_from(m).unwrap_or(u32::MAX))
+            .unwrap_or(DEFAULT_MAX_BLOCKS_PER_HOST);
+        Self {
+            strict_affinity: config.spec.strict_affinity,
+            auto_allocate_blocks: config.spec.auto_allocate_blocks,
+            max_blocks_per_host: max,
+        }
+    }
+}
+
+/// Errors of allocator operations.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No enabled, valid pool of this family allows this use on this node.
+    #[error("no usable IPv{family} pool for node {node} ({use_:?})")]
+    NoPool {
+        /// 4 or 6.
+        family: u8,
+        /// Node name.
+        node: String,
+        /// Requested use.
+        use_: AllowedUse,
+    },
+    /// Not enough free addresses; nothing from this request was kept.
+    #[error("IPv{family} pools exhausted for node {node}: wanted {requested}, found {found}")]
+    Exhausted {
+        /// 4 or 6.
+        family: u8,
+        /// Node name.
+        node: String,
+        /// Addresses asked for.
+        requested: usize,
+        /// Addresses that could be assigned before running out (all released again).
+        found: usize,
+    },
+    /// The address is in no enabled valid pool.
+    #[error("{0} is not in any enabled IPPool")]
+    NotInPool(IpAddr),
+    /// The address is already assigned.
+    #[error("{ip} is already assigned (handle {holder:?})")]
+    AlreadyAssigned {
+        /// Address.
+        ip: IpAddr,
+        /// Current holder's handle.
+        holder: Option<String>,
+    },
+    /// A CAS loop hit its bound.
+    #[error("gave up on {kind} {name} after {attempts} conflicting attempts")]
+    TooManyConflicts {
+        /// Kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// A stored object is unusable.
+    #[error("{kind} {name}: {reason}")]
+    InvalidObject {
+        /// Kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// What is wrong, naming the field.
+        reason: String,
+    },
+}
+
+/// A request to assign addresses automatically (what CNI ADD asks for).
+#[derive(Debug, Clone, Default)]
+pub struct AutoAssignRequest {
+    /// Handle to record the addresses under, e.g. [`crate::pod_handle_id`].
+    pub handle_id: String,
+    /// Secondary attributes, e.g. [`crate::workload_attributes`].
+    pub attributes: BTreeMap<String, String>,
+    /// Node asking.
+    pub node: String,
+    /// The node's labels, matched against pools' `nodeSelector`.
+    pub node_labels: BTreeMap<String, String>,
+    /// IPv4 addresses wanted.
+    pub num_v4: usize,
+    /// IPv6 addresses wanted.
+    pub num_v6: usize,
+    /// Only these pools (by CIDR) when non-empty, e.g. CNI `ipv4_pools`.
+    pub pools: Vec<IpNet>,
+    /// `Tunnel` for tunnel addresses; `Workload` (the default) otherwise.
+    pub use_: Option<AllowedUse>,
+}
+
+/// Addresses assigned by [`Ipam::auto_assign`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assigned {
+    /// IPv4 addresses.
+    pub ipv4: Vec<IpAddr>,
+    /// IPv6 addresses.
+    pub ipv6: Vec<IpAddr>,
+}
+
+/// Which tunnel address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    /// IPIP (`tunl0`), handle `ipip-tunnel-addr-<node>`.
+    Ipip,
+    /// VXLAN (`vxlan.calico`), handle `vxlan-tunnel-addr-<node>`.
+    Vxlan,
+}
+
+impl TunnelKind {
+    /// Calico's handle ID for this node's tunnel address.
+    pub fn handle_id(self, node: &str) -> String {
+        match self {
+            Self::Ipip => format!("ipip-tunnel-addr-{node}"),
+            Self::Vxlan => format!("vxlan-tunnel-addr-{node}"),
+        }
+    }
+
+    fn type_attr(self) -> &'static str {
+        match self {
+            Self::Ipip => attr::TYPE_IPIP_TUNNEL,
+            Self::Vxlan => attr::TYPE_VXLAN_TUNNEL,
+        }
+    }
+
+    fn pool_enables(self, pool: &Pool) -> bool {
+        match self {
+            Self::Ipip => pool.ipip_mode.is_enabled(),
+            Self::Vxlan => pool.vxlan_mode.is_enabled(),
+        }
+    }
+}
+
+/// What [`Ipam::release_node`] cleaned up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeReleaseReport {
+    /// Addresses released.
+    pub released: Vec<IpAddr>,
+    /// Blocks deleted (they were empty).
+    pub blocks_deleted: Vec<IpNet>,
+    /// Blocks kept because other nodes still hold addresses in them; their affinity was cleared.
+    pub blocks_unaffined: Vec<IpNet>,
+}
+
+/// Outcome of releasing one host's affinity for a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AffinityRelease {
+    Deleted,
+    Unaffined,
+    KeptNotEmpty,
+    Gone,
+}
+
+/// Calico block IPAM over a [`Store`].
+#[derive(Debug)]
+pub struct Ipam<S> {
+    store: S,
+    retry: RetryPolicy,
+}
+
+/// FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The blocks of `pool` as a pseudo-random permutation seeded by the host name: position `i` is
+/// block `(start + i·stride) mod n` with an odd stride, a bijection since `n` is a power of two.
+/// Different hosts start in different places, so concurrent claims rarely collide.
+pub(crate) struct CandidateBlocks {
+    base: u128,
+    block_bits: u32,
+    mask: u128,
+    start: u128,
+    stride: u128,
+    family_v4: bool,
+}
+
+impl CandidateBlocks {
+    pub(crate) fn new(pool: &Pool, host: &str) -> Self {
+        let index_bits = u32::from(pool.block_size - pool.cidr.prefix_len());
+        let block_bits = u32::from(pool.cidr.max_prefix_len() - pool.block_size);
+        let mask = if index_bits >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << index_bits) - 1
+        };
+        let seed = fnv1a(host.as_bytes()) ^ fnv1a(pool.cidr.to_string().as_bytes());
+        let r1 = splitmix(seed);
+        let r2 = splitmix(r1);
+        let start = ((u128::from(r1) << 64) | u128::from(r2)) & mask;
+        let stride = ((u128::from(splitmix(r2)) << 1) | 1) & mask.max(1);
+        let base = match pool.cidr.network() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        Self {
+            base,
+            block_bits,
+            mask,
+            start,
+            stride: if mask == 0 { 0 } else { stride | 1 },
+            family_v4: matches!(pool.cidr, IpNet::V4(_)),
+        }
+    }
+
+    /// Number of blocks, saturating.
+    pub(crate) fn len(&self) -> u128 {
+        self.mask.saturating_add(1)
+    }
+
+    pub(crate) fn nth(&self, i: u128) -> IpNet {
+        let index = self.start.wrapping_add(i.wrapping_mul(self.stride)) & self.mask;
+        let addr = self.base + (index << self.block_bits);
+        let prefix = if self.family_v4 {
+            32 - self.block_bits
+        } else {
+            128 - self.block_bits
+        } as u8;
+        let ip = if self.family_v4 {
+            IpAddr::V4((addr as u32).into())
+        } else {
+            IpAddr::V6(addr.into())
+        };
+        // prefix is the pool's block size, already validated for this family.
+        IpNet::new(ip, prefix).unwrap_or_else(|_| IpNet::from(ip))
+    }
+}
+
+/// Most candidates tried beyond the blocks known to exist, to bound lost claim races.
+const MAX_LOST_CLAIMS: u128 = 16;
+
+impl<S: Store> Ipam<S> {
+    /// An allocator with the default retry policy.
+    pub fn new(store: S) -> Self {
+        Self::with_retry(store, RetryPolicy::default())
+    }
+
+    /// An allocator with a given retry policy.
+    pub fn with_retry(store: S, retry: RetryPolicy) -> Self {
+        Self { store, retry }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    async fn pause(&self, attempt: u32) {
+        let exp = self
+            .retry
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.retry.max_delay);
+        // Full jitter: uniform in [0, exp], so colliding writers spread out.
+        let nanos = u64::try_from(exp.as_nanos()).unwrap_or(u64::MAX);
+        let jittered = if nanos == 0 {
+            0
+        } else {
+            rand::random::<u64>() % (nanos + 1)
+        };
+        self.store.backoff(Duration::from_nanos(jittered)).await;
+    }
+
+    fn too_many<K: crate::model::Resource>(&self, name: &str) -> IpamError {
+        IpamError::TooManyConflicts {
+            kind: K::KIND,
+            name: name.to_string(),
+            attempts: self.retry.max_attempts,
+        }
+    }
+
+    /// Current settings: the IPAMConfig `default`, or Calico's defaults without one.
+    pub async fn settings(&self) -> Result<IpamSettings, IpamError> {
+        match self.store.get::<IpamConfig>(IPAM_CONFIG_NAME).await {
+            Ok(cfg) => Ok(IpamSettings::from_config(&cfg)),
+            Err(StoreError::NotFound { .. }) => Ok(IpamSettings::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every pool, validated; invalid ones are logged here and returned for reporting.
+    pub async fn pools(&self) -> Result<PoolSet, IpamError> {
+        let pools = self.store.list::<IpPool>().await?;
+        let set = validate_pools(&pools);
+        for e in &set.invalid {
+            warn!(pool = %e.pool, field = e.field, "ignoring IPPool: {}", e.reason);
+        }
+        Ok(set)
+    }
+
+    /// Assigns addresses automatically, Calico style: from the node's affine blocks, then from newly
+    /// claimed blocks, then (unless strict affinity) borrowed from other blocks. All-or-nothing: on
+    /// shortfall every address assigned by this call is released again.
+    pub async fn auto_assign(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
+        let settings = self.settings().await?;
+        let pools = self.pools().await?;
+        let mut out = Assigned::default();
+        for (fam, want) in [(4u8, req.num_v4), (6u8, req.num_v6)] {
+            if want == 0 {
+                continue;
+            }
+            let result = self
+                .auto_assign_family(req, fam, want, &settings, &pools)
+                .await;
+            match result {
+                Ok(ips) => {
+                    if fam == 4 {
+                        out.ipv4 = ips;
+                    } else {
+                        out.ipv6 = ips;
+                    }
+                }
+                Err(e) => {
+                    let mut undo: Vec<IpAddr> = out.ipv4.clone();
+                    undo.extend(&out.ipv6);
+                    if !undo.is_empty() {
+                        self.release_ips(&undo).await?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn auto_assign_family(
+        &self,
+        req: &AutoAssignRequest,
+        fam: u8,
+        want: usize,
+        settings: &IpamSettings,
+        pools: &PoolSet,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let use_ = req.use_.unwrap_or(AllowedUse::Workload);
+        let candidates: Vec<&Pool> = pools
+            .valid
+            .iter()
+            .filter(|p| p.family() == fam && p.usable_for(use_, &req.node_labels))
+            .filter(|p| req.pools.is_empty() || req.pools.contains(&p.cidr))
+            .collect();
+        if candidates.is_empty() {
+            return Err(IpamError::NoPool {
+                family: fam,
+                node: req.node.clone(),
+                use_,
+            });
+        }
+        let in_candidates =
+            |cidr: &IpNet| candidates.iter().any(|p| p.cidr.contains(&cidr.network()));
+        let mut got: Vec<IpAddr> = Vec::with_capacity(want);
+
+        // 1. Blocks already affine to this host.
+        let affine = self.host_affinities(&req.node, fam).await?;
+        for cidr in affine
+            .iter()
+            .filter(|(_, st)| *st == AffinityState::Confirmed)
+            .map(|(c, _)| c)
+            .filter(|c| in_candidates(c))
+        {
+            if got.len() == want {
+                break;
+            }
+            let ips = self
+                .assign_from_block(cidr, want - got.len(), req, Some(&req.node))
+                .await?;
+            got.extend(ips);
+        }
+
+        // 2. Claim new blocks while under the per-host limit.
+        if got.len() < want && settings.auto_allocate_blocks {
+            let max_claims = settings.max_blocks_per_host as usize + candidates.len();
+            for _ in 0..max_claims {
+                if got.len() == want {
+                    break;
+                }
+                let owned = self.host_affinities(&req.node, fam).await?.len();
+                if owned >= settings.max_blocks_per_host as usize {
+                    debug!(node = %req.node, owned, "host at maxBlocksPerHost");
+                    break;
+                }
+                let Some(cidr) = self.claim_new_block(&candidates, &req.node).await? else {
+                    debug!(node = %req.node, "no unclaimed block left in the pools");
+                    break;
+                };
+                let ips = self
+                    .assign_from_block(&cidr, want - got.len(), req, Some(&req.node))
+                    .await?;
+                got.extend(ips);
+            }
+        }
+
+        // 3. Borrow from any block with room.
+        if got.len() < want && !settings.strict_affinity {
+            let blocks = self.store.list::<IpamBlock>().await?;
+            let seed = fnv1a(req.node.as_bytes());
+            let mut borrowable: Vec<(u64, IpNet)> = blocks
+                .iter()
+                .filter(|b| !b.spec.is_deleted() && b.spec.free_count() > 0)
+                .filter_map(|b| b.spec.parsed_cidr())
+                .filter(|c| in_candidates(c))
+                .map(|c| (splitmix(seed ^ fnv1a(c.to_string().as_bytes())), c))
+                .collect();
+            borrowable.sort();
+            for (_, cidr) in borrowable {
+                if got.len() == want {
+                    break;
+                }
+                let ips = self
+                    .assign_from_block(&cidr, want - got.len(), req, None)
+                    .await?;
+                if !ips.is_empty() {
+                    debug!(node = %req.node, block = %cidr, n = ips.len(), "borrowed addresses");
+                }
+                got.extend(ips);
+            }
+        }
+
+        if got.len() < want {
+            let found = got.len();
+            if !got.is_empty() {
+                self.release_ips(&got).await?;
+            }
+            return Err(IpamError::Exhausted {
+                family: fam,
+                node: req.node.clone(),
+                requested: want,
+                found,
+            });
+        }
+        Ok(got)
+    }
+
+    /// The node's affinities of one family (all states but pendingDeletion), by block CIDR.
+    async fn host_affinities(
+        &self,
+        node: &str,
+        fam: u8,
+    ) -> Result<Vec<(IpNet, AffinityState)>, IpamError> {
+        let affs = self.store.list::<BlockAffinity>().await?;
+        let mut out: Vec<(IpNet, AffinityState)> = affs
+            .into_iter()
+            .filter(|a| a.spec.node == node && a.spec.deleted != "true")
+            .filter(|a| a.spec.state != AffinityState::PendingDeletion)
+            .filter_map(|a| {
+                let cidr: IpNet = a.spec.cidr.parse().ok()?;
+                (family(&cidr.network()) == fam).then_some((cidr, a.spec.state))
+            })
+            .collect();
+        out.sort_by_key(|a| a.0);
+        Ok(out)
+    }
+
+    /// Blocks confirmed affine to `node`, both families: what the node advertises over BGP.
+    pub async fn host_blocks(&self, node: &str) -> Result<Vec<IpNet>, IpamError> {
+        let affs = self.store.list::<BlockAffinity>().await?;
+        let mut out: Vec<IpNet> = affs
+            .iter()
+            .filter(|a| a.spec.node == node && a.spec.state == AffinityState::Confirmed)
+            .filter(|a| a.spec.deleted != "true")
+            .filter_map(|a| a.spec.cidr.parse().ok())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Assigns up to `num` addresses from one block (CAS loop). With `require_affinity`, only if
+    /// the block is still affine to that node.
+    async fn assign_from_block(
+        &self,
+        cidr: &IpNet,
+        num: usize,
+        req: &AutoAssignRequest,
+        require_affinity: Option<&str>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let name = block_name(cidr);
+        for attempt in 0..self.retry.max_attempts {
+            let mut block = match self.store.get::<IpamBlock>(&name).await {
+                Ok(b) if !b.spec.is_deleted() => b,
+                Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(node) = require_affinity
+                && block.spec.affine_node() != Some(node)
+            {
+                return Ok(Vec::new());
+            }
+            if let Err(e) = block.spec.check_invariants() {
+                // Writing to a corrupt block could hand out an address twice: leave it alone.
+                warn!(block = %name, "skipping corrupt block: {e}");
+                return Ok(Vec::new());
+            }
+            let ordinals = block.spec.assign(num, &req.handle_id, &req.attributes);
+            if ordinals.is_empty() {
+                return Ok(Vec::new());
+            }
+            let n = ordinals.len() as i64;
+            self.adjust_handle(&req.handle_id, cidr, n).await?;
+            match self.store.update(&block).await {
+                Ok(_) => {
+                    return Ok(ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect());
+                }
+                Err(e) => {
+                    // The block write failed: take the handle count back down.
+                    self.adjust_handle(&req.handle_id, cidr, -n).await?;
+                    match e {
+                        StoreError::Conflict { .. } => self.pause(attempt).await,
+                        StoreError::NotFound { .. } => return Ok(Vec::new()),
+                        other => return Err(other.into()),
+                    }
+                }
+            }
+        }
+        Err(self.too_many::<IpamBlock>(&name))
+    }
+
+    /// Adds `delta` to the handle's count for a block, creating the handle or deleting it when it
+    /// reaches zero.
+    async fn adjust_handle(
+        &self,
+        handle_id: &str,
+        cidr: &IpNet,
+        delta: i64,
+    ) -> Result<(), IpamError> {
+        let name = handle_name(handle_id);
+        let key = cidr.to_string();
+        for attempt in 0..self.retry.max_attempts {
+            let mut handle = match self.store.get::<IpamHandle>(&name).await {
+                Ok(h) if h.spec.deleted == Some(true) => {
+                    // Calico marks a handle before deleting it; finish that deletion first.
+                    let rev = h.metadata.resource_version.clone().unwrap_or_default();
+                    match self.store.delete::<IpamHandle>(&name, &rev).await {
+                        Ok(()) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    continue;
+                }
+                Ok(h) => h,
+                Err(StoreError::NotFound { .. }) => {
+                    if delta <= 0 {
+                        return Ok(());
+                    }
+                    let handle = IpamHandle::new(
+                        name.clone(),
+                        IpamHandleSpec {
+                            handle_id: handle_id.to_string(),
+                            block: BTreeMap::from([(key.clone(), delta)]),
+                            deleted: None,
+                            extra: Default::default(),
+                        },
+                    );
+                    match self.store.create(&handle).await {
+                        Ok(_) => return Ok(()),
+                        Err(StoreError::AlreadyExists { .. }) => {
+                            self.pause(attempt).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let count = handle.spec.block.entry(key.clone()).or_insert(0);
+            *count += delta;
+            if *count <= 0 {
+                handle.spec.block.remove(&key);
+            }
+            let result = if handle.spec.block.is_empty() {
+                let rev = handle.metadata.resource_version.clone().unwrap_or_default();
+                self.store.delete::<IpamHandle>(&name, &rev).await
+            } else {
+                self.store.update(&handle).await.map(|_| ())
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                    self.pause(attempt).await
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<IpamHandle>(&name))
+    }
+
+    /// Finds an unclaimed block in the pools and claims it for `node`.
+    async fn claim_new_block(
+        &self,
+        pools: &[&Pool],
+        node: &str,
+    ) -> Result<Option<IpNet>, IpamError> {
+        let existing: HashSet<IpNet> = self
+            .store
+            .list::<IpamBlock>()
+            .await?
+            .iter()
+            .filter_map(|b| b.spec.parsed_cidr())
+            .collect();
+        for pool in pools {
+            let candidates = CandidateBlocks::new(pool, node);
+            let known_in_pool = existing
+                .iter()
+                .filter(|c| pool.cidr.contains(&c.network()))
+                .count() as u128;
+            // Among known+1 distinct candidates at least one is free, unless claims race us.
+            let limit = candidates.len().min(known_in_pool + 1 + MAX_LOST_CLAIMS);
+            let mut i = 0u128;
+            while i < limit {
+                let cidr = candidates.nth(i);
+                i += 1;
+                if existing.contains(&cidr) {
+                    continue;
+                }
+                if self.claim_block(node, &cidr).await? {
+                    info!(node, block = %cidr, pool = %pool.name, "claimed block");
+                    return Ok(Some(cidr));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Two-phase claim of one block: pending affinity, block creation, affinity confirmed. Returns
+    /// false when another host won the block (our pending affinity is removed again).
+    async fn claim_block(&self, node: &str, cidr: &IpNet) -> Result<bool, IpamError> {
+        let aff_name = affinity_name(node, cidr);
+        let pending = BlockAffinity::new(
+            aff_name.clone(),
+            BlockAffinitySpec {
+                state: AffinityState::Pending,
+                node: node.to_string(),
+                cidr: cidr.to_string(),
+                deleted: "false".to_string(),
+                extra: Default::default(),
+            },
+        );
+        match self.store.create(&pending).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists { .. }) => {
+                // Left over from an earlier attempt of ours, or being released: never reuse the latter.
+                let existing = self.store.get::<BlockAffinity>(&aff_name).await;
+                if let Ok(a) = existing
+                    && a.spec.state == AffinityState::PendingDeletion
+                {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+
+        let block = new_block(*cidr, Some(node));
+        match self.store.create(&block).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists { .. }) => {
+                let ours = match self.store.get::<IpamBlock>(&block.metadata.name).await {
+                    Ok(b) => !b.spec.is_deleted() && b.spec.affine_node() == Some(node),
+                    Err(StoreError::NotFound { .. }) => false,
+                    Err(e) => return Err(e.into()),
+                };
+                if !ours {
+                    debug!(node, block = %cidr, "lost the race for a block; undoing pending affinity");
+                    self.delete_affinity_if(node, cidr, |_| true).await?;
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                self.delete_affinity_if(node, cidr, |_| true).await?;
+                return Err(e.into());
+            }
+        }
+
+        for attempt in 0..self.retry.max_attempts {
+            match self.store.get::<BlockAffinity>(&aff_name).await {
+                Ok(mut a) => {
+                    if a.spec.state == AffinityState::Confirmed {
+                        return Ok(true);
+                    }
+                    a.spec.state = AffinityState::Confirmed;
+                    match self.store.update(&a).await {
+                        Ok(_) => return Ok(true),
+                        Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                            self.pause(attempt).await
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(StoreError::NotFound { .. }) => {
+                    // Removed under us (node release racing); the block is ours, so re-record it.
+                    let mut confirmed = pending.clone();
+                    confirmed.spec.state = AffinityState::Confirmed;
+                    match self.store.create(&confirmed).await {
+                        Ok(_) => return Ok(true),
+                        Err(StoreError::AlreadyExists { .. }) => self.pause(attempt).await,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<BlockAffinity>(&aff_name))
+    }
+
+    /// Deletes the node's affinity object for `cidr` if `pred` holds for it (CAS loop).
+    async fn delete_affinity_if(
+        &self,
+        node: &str,
+        cidr: &IpNet,
+        pred: impl Fn(&BlockAffinity) -> bool,
+    ) -> Result<(), IpamError> {
+        let name = affinity_name(node, cidr);
+        for attempt in 0..self.retry.max_attempts {
+            let a = match self.store.get::<BlockAffinity>(&name).await {
+                Ok(a) => a,
+                Err(StoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            if !pred(&a) {
+                return Ok(());
+            }
+            let rev = a.metadata.resource_version.clone().unwrap_or_default();
+            match self.store.delete::<BlockAffinity>(&name, &rev).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<BlockAffinity>(&name))
+    }
+
+    /// Assigns one specific address to a handle (claiming its block for `node` if no one has it).
+    pub async fn assign_ip(
+        &self,
+        ip: IpAddr,
+        handle_id: &str,
+        attributes: &BTreeMap<String, String>,
+        node: &str,
+    ) -> Result<(), IpamError> {
+        let pools = self.pools().await?;
+        let pool = pools
+            .valid
+            .iter()
+            .find(|p| !p.disabled && p.cidr.contains(&ip))
+            .ok_or(IpamError::NotInPool(ip))?;
+        let cidr = pool.block_for(ip);
+        let name = block_name(&cidr);
+        let Some(ordinal) = ip_to_ordinal(&cidr, ip) else {
+            return Err(IpamError::NotInPool(ip));
+        };
+        for attempt in 0..self.retry.max_attempts {
+            let mut block = match self.store.get::<IpamBlock>(&name).await {
+                Ok(b) if !b.spec.is_deleted() => b,
+                Ok(_) => {
+                    self.pause(attempt).await;
+                    continue;
+                }
+                Err(StoreError::NotFound { .. }) => {
+                    // Either we now own it or someone else created it: re-read either way.
+                    self.claim_block(node, &cidr).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            block
+                .spec
+                .check_invariants()
+                .map_err(|e| IpamError::InvalidObject {
+                    kind: "IPAMBlock",
+                    name: name.clone(),
+                    reason: e.problem,
+                })?;
+            if let Err(holder) = block.spec.assign_ordinal(ordinal, handle_id, attributes) {
+                return Err(IpamError::AlreadyAssigned { ip, holder });
+            }
+            self.adjust_handle(handle_id, &cidr, 1).await?;
+            match self.store.update(&block).await {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    self.adjust_handle(handle_id, &cidr, -1).await?;
+                    match e {
+                        StoreError::Conflict { .. } | StoreError::NotFound { .. } => {
+                            self.pause(attempt).await
+                        }
+                        other => return Err(other.into()),
+                    }
+                }
+            }
+        }
+        Err(self.too_many::<IpamBlock>(&name))
+    }
+
+    /// Addresses currently held by a handle.
+    pub async fn ips_by_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let handle = match self.store.get::<IpamHandle>(&handle_name(handle_id)).await {
+            Ok(h) => h,
+            Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for key in handle.spec.block.keys() {
+            let Ok(cidr) = key.parse::<IpNet>() else {
+                warn!(handle = %handle.metadata.name, key, "spec.block key is not a CIDR");
+                continue;
+            };
+            match self.store.get::<IpamBlock>(&block_name(&cidr)).await {
+                Ok(b) => out.extend(
+                    b.spec
+                        .ordinals_for_handle(handle_id)
+                        .into_iter()
+                        .map(|o| ordinal_to_ip(&cidr, o)),
+                ),
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Releases every address of a handle and deletes the handle; returns what was released.
+    /// A missing handle releases nothing (CNI DEL is idempotent).
+    pub async fn release_by_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let name = handle_name(handle_id);
+        let mut released = Vec::new();
+        for attempt in 0..self.retry.max_attempts {
+            let handle = match self.store.get::<IpamHandle>(&name).await {
+                Ok(h) => h,
+                Err(StoreError::NotFound { .. }) => return Ok(released),
+                Err(e) => return Err(e.into()),
+            };
+            for key in handle.spec.block.keys() {
+                let Ok(cidr) = key.parse::<IpNet>() else {
+                    warn!(handle = %name, key, "spec.block key is not a CIDR; dropping it");
+                    continue;
+                };
+                released.extend(self.release_handle_in_block(&cidr, handle_id).await?);
+            }
+            let rev = handle.metadata.resource_version.clone().unwrap_or_default();
+            match self.store.delete::<IpamHandle>(&name, &rev).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => return Ok(released),
+                // An assignment to this handle raced us: go again with its new blocks.
+                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<IpamHandle>(&name))
+    }
+
+    async fn release_handle_in_block(
+        &self,
+        cidr: &IpNet,
+        handle_id: &str,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        self.release_in_block(cidr, |b| b.ordinals_for_handle(handle_id), false)
+            .await
+    }
+
+    /// Releases the ordinals chosen by `select` from one block (CAS loop), then lowers the handle
+    /// counts and gives the block up if it became empty. With `skip_handles` the caller will
+    /// delete the handles itself.
+    async fn release_in_block(
+        &self,
+        cidr: &IpNet,
+        select: impl Fn(&crate::model::IpamBlockSpec) -> Vec<u32>,
+        skip_handles: bool,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let name = block_name(cidr);
+        for attempt in 0..self.retry.max_attempts {
+            let mut block = match self.store.get::<IpamBlock>(&name).await {
+                Ok(b) => b,
+                Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let ordinals = select(&block.spec);
+            if ordinals.is_empty() {
+                return Ok(Vec::new());
+            }
+            if let Err(e) = block.spec.check_invariants() {
+                return Err(IpamError::InvalidObject {
+                    kind: "IPAMBlock",
+                    name,
+                    reason: e.problem,
+                });
+            }
+            let released = block.spec.release_ordinals(&ordinals);
+            match self.store.update(&block).await {
+                Ok(stored) => {
+                    if !skip_handles {
+                        let mut per_handle: BTreeMap<&str, i64> = BTreeMap::new();
+                        for r in &released {
+                            if let Some(h) = r.handle_id.as_deref() {
+                                *per_handle.entry(h).or_insert(0) += 1;
+                            }
+                        }
+                        for (h, n) in per_handle {
+                            self.adjust_handle(h, cidr, -n).await?;
+                        }
+                    }
+                    if stored.spec.is_empty() {
+                        self.give_up_empty_block(&stored).await?;
+                    }
+                    return Ok(released
+                        .iter()
+                        .map(|r| ordinal_to_ip(cidr, r.ordinal))
+                        .collect());
+                }
+                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<IpamBlock>(&name))
+    }
+
+    /// An emptied block: delete it if it has no affinity; release its host's affinity if that host
+    /// has other blocks of the family (a host keeps its last block).
+    async fn give_up_empty_block(&self, block: &IpamBlock) -> Result<(), IpamError> {
+        let Some(cidr) = block.spec.parsed_cidr() else {
+            return Ok(());
+        };
+        match block.spec.affine_node() {
+            None => {
+                let rev = block.metadata.resource_version.clone().unwrap_or_default();
+                match self
+                    .store
+                    .delete::<IpamBlock>(&block.metadata.name, &rev)
+                    .await
+                {
+                    // Conflict: someone wrote to it since, so it is in use again.
+                    Ok(()) | Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some(node) => {
+                let fam = family(&cidr.network());
+                let confirmed = self
+                    .host_affinities(node, fam)
+                    .await?
+                    .iter()
+                    .filter(|(_, st)| *st == AffinityState::Confirmed)
+                    .count();
+                if confirmed > 1 {
+                    let outcome = self.release_block_affinity(node, &cidr, true).await?;
+                    debug!(node, block = %cidr, ?outcome, "released emptied block");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases `node`'s affinity for a block: affinity → pendingDeletion, block deleted if empty
+    /// (or, unless `require_empty`, un-affined so other hosts' borrowed addresses stay), affinity
+    /// deleted. With `require_empty` and a non-empty block the affinity goes back to confirmed.
+    async fn release_block_affinity(
+        &self,
+        node: &str,
+        cidr: &IpNet,
+        require_empty: bool,
+    ) -> Result<AffinityRelease, IpamError> {
+        let aff_name = affinity_name(node, cidr);
+        let blk_name = block_name(cidr);
+        for attempt in 0..self.retry.max_attempts {
+            let aff = match self.store.get::<BlockAffinity>(&aff_name).await {
+                Ok(mut a) => {
+                    if a.spec.state != AffinityState::PendingDeletion {
+                        a.spec.state = AffinityState::PendingDeletion;
+                        match self.store.update(&a).await {
+                            Ok(stored) => Some(stored),
+                            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                                self.pause(attempt).await;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    } else {
+                        Some(a)
+                    }
+                }
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+
+            let mut outcome = AffinityRelease::Gone;
+            match self.store.get::<IpamBlock>(&blk_name).await {
+                Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+                Ok(b) if b.spec.affine_node() != Some(node) => {}
+                Ok(b) if b.spec.is_empty() => {
+                    let rev = b.metadata.resource_version.clone().unwrap_or_default();
+                    match self.store.delete::<IpamBlock>(&blk_name, &rev).await {
+                        Ok(()) | Err(StoreError::NotFound { .. }) => {
+                            outcome = AffinityRelease::Deleted
+                        }
+                        Err(StoreError::Conflict { .. }) => {
+                            self.pause(attempt).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(mut b) => {
+                    if require_empty {
+                        if let Some(mut a) = aff {
+                            a.spec.state = AffinityState::Confirmed;
+                            match self.store.update(&a).await {
+                                Ok(_) => return Ok(AffinityRelease::KeptNotEmpty),
+                                Err(StoreError::Conflict { .. }) => {
+                                    self.pause(attempt).await;
+                                    continue;
+                                }
+                                Err(StoreError::NotFound { .. }) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        return Ok(AffinityRelease::KeptNotEmpty);
+                    }
+                    b.spec.affinity = None;
+                    match self.store.update(&b).await {
+                        Ok(_) => outcome = AffinityRelease::Unaffined,
+                        Err(StoreError::Conflict { .. }) => {
+                            self.pause(attempt).await;
+                            continue;
+                        }
+                        Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+
+            if let Some(a) = aff {
+                let rev = a.metadata.resource_version.clone().unwrap_or_default();
+                match self.store.delete::<BlockAffinity>(&aff_name, &rev).await {
+                    Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                    Err(StoreError::Conflict { .. }) => {
+                        self.pause(attempt).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(outcome);
+        }
+        Err(self.too_many::<BlockAffinity>(&aff_name))
+    }
+
+    /// Releases specific addresses, whoever holds them; returns those that were allocated.
+    pub async fn release_ips(&self, ips: &[IpAddr]) -> Result<Vec<IpAddr>, IpamError> {
+        if ips.is_empty() {
+            return Ok(Vec::new());
+        }
+        let blocks = self.store.list::<IpamBlock>().await?;
+        let cidrs: Vec<IpNet> = blocks.iter().filter_map(|b| b.spec.parsed_cidr()).collect();
+        let mut by_block: BTreeMap<IpNet, Vec<IpAddr>> = BTreeMap::new();
+        for ip in ips {
+            match cidrs.iter().find(|c| c.contains(ip)) {
+                Some(c) => by_block.entry(*c).or_default().push(*ip),
+                None => debug!(%ip, "release of an address in no block"),
+            }
+        }
+        let mut released = Vec::new();
+        for (cidr, addrs) in by_block {
+            let wanted: Vec<u32> = addrs
+                .iter()
+                .filter_map(|ip| ip_to_ordinal(&cidr, *ip))
+                .collect();
+            released.extend(
+                self.release_in_block(&cidr, |_| wanted.clone(), false)
+                    .await?,
+            );
+        }
+        Ok(released)
+    }
+
+    /// Releases one allocation only if it is still the one observed: same handle and same
+    /// allocation sequence number (guards the leak collector against a re-assigned address).
+    pub(crate) async fn release_if_unchanged(
+        &self,
+        ip: IpAddr,
+        cidr: &IpNet,
+        handle_id: &str,
+        sequence: Option<u64>,
+    ) -> Result<bool, IpamError> {
+        let Some(ordinal) = ip_to_ordinal(cidr, ip) else {
+            return Ok(false);
+        };
+        let released = self
+            .release_in_block(
+                cidr,
+                |b| {
+                    let same = b.handle_at(ordinal) == Some(handle_id)
+                        && b.sequence_at(ordinal) == sequence;
+                    if same { vec![ordinal] } else { Vec::new() }
+                },
+                false,
+            )
+            .await?;
+        Ok(!released.is_empty())
+    }
+
+    /// Releases everything of a deleted node: its tunnel addresses, every allocation made for it
+    /// (attribute `node`), and its block affinities (empty blocks deleted, others un-affined).
+    pub async fn release_node(&self, node: &str) -> Result<NodeReleaseReport, IpamError> {
+        let mut report = NodeReleaseReport::default();
+        for kind in [TunnelKind::Ipip, TunnelKind::Vxlan] {
+            report
+                .released
+                .extend(self.release_by_handle(&kind.handle_id(node)).await?);
+        }
+        let blocks = self.store.list::<IpamBlock>().await?;
+        let mut handles = BTreeSet::new();
+        for b in &blocks {
+            for o in 0..b.spec.allocations.len() as u32 {
+                if let Some(a) = b.spec.attribute_at(o)
+                    && a.secondary
+                        .as_ref()
+                        .and_then(|s| s.get(attr::NODE))
+                        .is_some_and(|n| n == node)
+                    && let Some(h) = &a.handle_id
+                {
+                    handles.insert(h.clone());
+                }
+            }
+        }
+        for h in &handles {
+            report.released.extend(self.release_by_handle(h).await?);
+        }
+
+        let mut cidrs: BTreeSet<IpNet> = self
+            .store
+            .list::<BlockAffinity>()
+            .await?
+            .iter()
+            .filter(|a| a.spec.node == node)
+            .filter_map(|a| a.spec.cidr.parse().ok())
+            .collect();
+        // Blocks affine to the node without an affinity object (an interrupted claim or release).
+        cidrs.extend(
+            self.store
+                .list::<IpamBlock>()
+                .await?
+                .iter()
+                .filter(|b| b.spec.affine_node() == Some(node))
+                .filter_map(|b| b.spec.parsed_cidr()),
+        );
+        for cidr in cidrs {
+            match self.release_block_affinity(node, &cidr, false).await? {
+                AffinityRelease::Deleted => report.blocks_deleted.push(cidr),
+                AffinityRelease::Unaffined => report.blocks_unaffined.push(cidr),
+                AffinityRelease::KeptNotEmpty | AffinityRelease::Gone => {}
+            }
+        }
+        report.released.sort();
+        info!(
+            node,
+            released = report.released.len(),
+            deleted = report.blocks_deleted.len(),
+            "released node's IPAM"
+        );
+        Ok(report)
+    }
+
+    /// Ensures the node has a tunnel address of this kind from a pool with that encapsulation
+    /// enabled (IPv4), reusing its current one when still valid. Returns `None` (after releasing
+    /// any old address) when no pool for this node enables it.
+    pub async fn ensure_tunnel_address(
+        &self,
+        node: &str,
+        node_labels: &BTreeMap<String, String>,
+        kind: TunnelKind,
+    ) -> Result<Option<IpAddr>, IpamError> {
+        let handle_id = kind.handle_id(node);
+        let pools = self.pools().await?;
+        let usable: Vec<&Pool> = pools
+            .valid
+            .iter()
+            .filter(|p| p.family() == 4 && kind.pool_enables(p))
+            .filter(|p| p.usable_for(AllowedUse::Tunnel, node_labels))
+            .collect();
+        let current = self.ips_by_handle(&handle_id).await?;
+        if let Some(ip) = current
+            .iter()
+            .find(|ip| usable.iter().any(|p| p.cidr.contains(*ip)))
+        {
+            return Ok(Some(*ip));
+        }
+        if !current.is_empty() {
+            self.release_by_handle(&handle_id).await?;
+        }
+        if usable.is_empty() {
+            return Ok(None);
+        }
+        let req = AutoAssignRequest {
+            handle_id,
+            attributes: BTreeMap::from([
+                (attr::NODE.to_string(), node.to_string()),
+                (attr::TYPE.to_string(), kind.type_attr().to_string()),
+            ]),
+            node: node.to_string(),
+            node_labels: node_labels.clone(),
+            num_v4: 1,
+            num_v6: 0,
+            pools: usable.iter().map(|p| p.cidr).collect(),
+            use_: Some(AllowedUse::Tunnel),
+        };
+        let assigned = self.auto_assign(&req).await?;
+        Ok(assigned.ipv4.first().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::IpPoolSpec;
+
+    fn pool(cidr: &str, block: i64) -> Pool {
+        Pool::from_resource(&IpPool::new(
+            "p",
+            IpPoolSpec {
+                cidr: cidr.into(),
+                block_size: Some(block),
+                ..Default::default()
+            },
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn candidate_order_is_a_permutation_seeded_by_host() {
+        let p = pool("10.0.0.0/24", 28);
+        let a = CandidateBlocks::new(&p, "node-a");
+        let b = CandidateBlocks::new(&p, "node-b");
+        assert_eq!(a.len(), 16);
+        let order_a: Vec<IpNet> = (0..16).map(|i| a.nth(i)).collect();
+        let order_b: Vec<IpNet> = (0..16).map(|i| b.nth(i)).collect();
+        let set: BTreeSet<IpNet> = order_a.iter().copied().collect();
+        assert_eq!(set.len(), 16, "every block exactly once");
+        assert!(
+            set.iter()
+                .all(|c| c.prefix_len() == 28 && p.cidr.contains(&c.network()))
+        );
+        assert_ne!(order_a, order_b, "hosts start in different places");
+        let again: Vec<IpNet> = (0..16)
+            .map(|i| CandidateBlocks::new(&p, "node-a").nth(i))
+            .collect();
+        assert_eq!(order_a, again, "deterministic per host");
+    }
+
+    #[test]
+    fn candidate_blocks_handle_single_block_and_huge_v6_pools() {
+        let one = CandidateBlocks::new(&pool("10.0.0.0/26", 26), "n");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one.nth(0), "10.0.0.0/26".parse::<IpNet>().unwrap());
+        let huge = CandidateBlocks::new(&pool("fd00::/8", 122), "n");
+        assert_eq!(huge.len(), 1u128 << 114);
+        let c = huge.nth(12345);
+        assert_eq!(c.prefix_len(), 122);
+        assert!("fd00::/8".parse::<IpNet>().unwrap().contains(&c.network()));
+    }
+
+    #[test]
+    fn settings_default_max_blocks_when_zero() {
+        let mut cfg = IpamConfig::new("default", Default::default());
+        cfg.spec.max_blocks_per_host = Some(0);
+        assert_eq!(IpamSettings::from_config(&cfg).max_blocks_per_host, 20);
+        cfg.spec.max_blocks_per_host = Some(3);
+        assert_eq!(IpamSettings::from_config(&cfg).max_blocks_per_host, 3);
+    }
+}

@@ -1,0 +1,431 @@
+//! The compare-and-swap datastore IPAM runs on ([`Store`]), and an in-memory implementation with fault injection.
+//!
+//! The trait is async because the agent implements it over the Kubernetes API (kube-rs on tokio).
+//! Methods are declared as `-> impl Future + Send` (return-position `impl Trait` in traits), so an
+//! implementation may simply write `async fn`, and an `Ipam<S>` future stays `Send` for
+//! `tokio::spawn`. Methods are generic over the [`Resource`] kind, so the trait is used through
+//! generics, not `dyn`.
+//!
+//! Revisions are Kubernetes `resourceVersion`s: an object read from the store carries its revision
+//! in `metadata.resourceVersion`, `update` is a CAS on it, `delete` takes the revision expected.
+//! Reads may come from a cache (a reflector): a stale read only costs a CAS retry.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::model::Resource;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The object changed since it was read (revision mismatch).
+    #[error("{kind} {name}: revision conflict")]
+    Conflict {
+        /// Kind, e.g. `IPAMBlock`.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// `create` of an object that exists.
+    #[error("{kind} {name} already exists")]
+    AlreadyExists {
+        /// Kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// The object does not exist.
+    #[error("{kind} {name} not found")]
+    NotFound {
+        /// Kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// Anything else (transport, decoding, permission…).
+    #[error("{kind} {name}: {message}")]
+    Other {
+        /// Kind.
+        kind: &'static str,
+        /// Object name (empty for list).
+        name: String,
+        /// Description.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// Shorthand for a [`StoreError::Conflict`].
+    pub fn conflict<K: Resource>(name: &str) -> Self {
+        Self::Conflict {
+            kind: K::KIND,
+            name: name.to_string(),
+        }
+    }
+    /// Shorthand for a [`StoreError::NotFound`].
+    pub fn not_found<K: Resource>(name: &str) -> Self {
+        Self::NotFound {
+            kind: K::KIND,
+            name: name.to_string(),
+        }
+    }
+    /// Shorthand for a [`StoreError::AlreadyExists`].
+    pub fn already_exists<K: Resource>(name: &str) -> Self {
+        Self::AlreadyExists {
+            kind: K::KIND,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// A datastore of Calico objects with per-object compare-and-swap.
+pub trait Store: Send + Sync {
+    /// Reads one object.
+    fn get<K: Resource>(&self, name: &str) -> impl Future<Output = Result<K, StoreError>> + Send;
+
+    /// Reads every object of a kind.
+    fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send;
+
+    /// Creates an object (its `resourceVersion` is ignored); returns it as stored, with its revision.
+    fn create<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send;
+
+    /// Replaces an object if its stored revision still equals `obj.metadata.resourceVersion`;
+    /// returns it as stored, with its new revision.
+    fn update<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send;
+
+    /// Deletes an object if its stored revision still equals `revision`.
+    fn delete<K: Resource>(
+        &self,
+        name: &str,
+        revision: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Waits between two CAS attempts. The store is the one piece that knows the runtime, so it
+    /// owns the timer (tokio's `sleep` in the agent); the default does not wait at all.
+    fn backoff(&self, delay: Duration) -> impl Future<Output = ()> + Send {
+        let _ = delay;
+        std::future::ready(())
+    }
+}
+
+impl<T: Store> Store for Arc<T> {
+    fn get<K: Resource>(&self, name: &str) -> impl Future<Output = Result<K, StoreError>> + Send {
+        (**self).get(name)
+    }
+    fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
+        (**self).list()
+    }
+    fn create<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send {
+        (**self).create(obj)
+    }
+    fn update<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send {
+        (**self).update(obj)
+    }
+    fn delete<K: Resource>(
+        &self,
+        name: &str,
+        revision: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).delete::<K>(name, revision)
+    }
+    fn backoff(&self, delay: Duration) -> impl Future<Output = ()> + Send {
+        (**self).backoff(delay)
+    }
+}
+
+/// Faults the [`MemoryStore`] injects, for tests.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Fail one `update`/`delete` in this many with a spurious [`StoreError::Conflict`] (0: never).
+    pub conflict_one_in: u32,
+    /// Seed of the fault generator, so a failing run replays.
+    pub seed: u64,
+    /// Every operation returns `Pending` once before running, so futures polled by an
+    /// interleaving scheduler switch between tasks at every store call.
+    pub yield_before_each_op: bool,
+}
+
+/// Operation counters of a [`MemoryStore`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// `get` calls.
+    pub gets: u64,
+    /// `list` calls.
+    pub lists: u64,
+    /// Successful `create`s.
+    pub creates: u64,
+    /// Successful `update`s.
+    pub updates: u64,
+    /// Successful `delete`s.
+    pub deletes: u64,
+    /// Conflicts returned, injected or real.
+    pub conflicts: u64,
+    /// Conflicts that were injected.
+    pub injected_conflicts: u64,
+}
+
+impl StoreStats {
+    /// Successful writes (create + update + delete).
+    pub fn writes(&self) -> u64 {
+        self.creates + self.updates + self.deletes
+    }
+}
+
+struct Entry {
+    revision: u64,
+    object: Arc<dyn Any + Send + Sync>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    objects: HashMap<(&'static str, String), Entry>,
+    next_revision: u64,
+    faults: Faults,
+    rng: u64,
+    stats: StoreStats,
+}
+
+impl MemoryState {
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*: tiny, deterministic, good enough to pick faults.
+        let mut x = self.rng.max(1);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn inject_conflict(&mut self) -> bool {
+        let n = self.faults.conflict_one_in;
+        if n > 0 && self.next_random().is_multiple_of(u64::from(n)) {
+            self.stats.injected_conflicts += 1;
+            self.stats.conflicts += 1;
+            return true;
+        }
+        false
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.next_revision += 1;
+        self.next_revision
+    }
+}
+
+/// An in-memory [`Store`] with Kubernetes-like revisions, for tests and benchmarks; can inject
+/// spurious conflicts and force task switches at every call.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<MemoryState>,
+}
+
+fn decode_revision<K: Resource>(name: &str, revision: Option<&str>) -> Result<u64, StoreError> {
+    revision
+        .ok_or("missing metadata.resourceVersion")
+        .and_then(|r| {
+            r.parse::<u64>()
+                .map_err(|_| "unparsable metadata.resourceVersion")
+        })
+        .map_err(|message| StoreError::Other {
+            kind: K::KIND,
+            name: name.to_string(),
+            message: message.to_string(),
+        })
+}
+
+impl MemoryStore {
+    /// An empty store without faults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the fault plan.
+    pub fn set_faults(&self, faults: Faults) {
+        let mut st = self.lock();
+        st.rng = faults.seed ^ 0x9E37_79B9_7F4A_7C15;
+        st.faults = faults;
+    }
+
+    /// Operation counters so far.
+    pub fn stats(&self) -> StoreStats {
+        self.lock().stats
+    }
+
+    /// Every stored object of a kind, synchronously (for invariant checks between steps).
+    pub fn snapshot<K: Resource>(&self) -> Vec<K> {
+        let st = self.lock();
+        let mut out: Vec<K> = st
+            .objects
+            .iter()
+            .filter(|((kind, _), _)| *kind == K::KIND)
+            .filter_map(|(_, e)| Self::materialize::<K>(e))
+            .collect();
+        out.sort_by(|a, b| a.metadata().name.cmp(&b.metadata().name));
+        out
+    }
+
+    /// Stores an object unconditionally (test setup); returns it with its revision.
+    pub fn put<K: Resource>(&self, obj: &K) -> K {
+        let mut st = self.lock();
+        let rev = st.bump();
+        let mut stored = obj.clone();
+        stored.metadata_mut().resource_version = Some(rev.to_string());
+        st.objects.insert(
+            (K::KIND, obj.metadata().name.clone()),
+            Entry {
+                revision: rev,
+                object: Arc::new(stored.clone()),
+            },
+        );
+        stored
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryState> {
+        // A panic while holding the lock leaves plain data behind; keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn materialize<K: Resource>(entry: &Entry) -> Option<K> {
+        entry.object.downcast_ref::<K>().cloned()
+    }
+
+    fn yield_point(&self) -> YieldOnce {
+        YieldOnce {
+            pending: self.lock().faults.yield_before_each_op,
+        }
+    }
+
+    fn get_now<K: Resource>(&self, name: &str) -> Result<K, StoreError> {
+        let mut st = self.lock();
+        st.stats.gets += 1;
+        st.objects
+            .get(&(K::KIND, name.to_string()))
+            .and_then(Self::materialize::<K>)
+            .ok_or_else(|| StoreError::not_found::<K>(name))
+    }
+
+    fn list_now<K: Resource>(&self) -> Vec<K> {
+        self.lock().stats.lists += 1;
+        self.snapshot()
+    }
+
+    fn create_now<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        let name = obj.metadata().name.clone();
+        let mut st = self.lock();
+        if st.objects.contains_key(&(K::KIND, name.clone())) {
+            return Err(StoreError::already_exists::<K>(&name));
+        }
+        let rev = st.bump();
+        let mut stored = obj.clone();
+        stored.metadata_mut().resource_version = Some(rev.to_string());
+        st.objects.insert(
+            (K::KIND, name),
+            Entry {
+                revision: rev,
+                object: Arc::new(stored.clone()),
+            },
+        );
+        st.stats.creates += 1;
+        Ok(stored)
+    }
+
+    fn update_now<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        let name = obj.metadata().name.clone();
+        let expected = decode_revision::<K>(&name, obj.metadata().resource_version.as_deref())?;
+        let mut st = self.lock();
+        let key = (K::KIND, name.clone());
+        let current = match st.objects.get(&key) {
+            None => return Err(StoreError::not_found::<K>(&name)),
+            Some(e) => e.revision,
+        };
+        if current != expected {
+            st.stats.conflicts += 1;
+            return Err(StoreError::conflict::<K>(&name));
+        }
+        if st.inject_conflict() {
+            return Err(StoreError::conflict::<K>(&name));
+        }
+        let rev = st.bump();
+        let mut stored = obj.clone();
+        stored.metadata_mut().resource_version = Some(rev.to_string());
+        st.objects.insert(
+            key,
+            Entry {
+                revision: rev,
+                object: Arc::new(stored.clone()),
+            },
+        );
+        st.stats.updates += 1;
+        Ok(stored)
+    }
+
+    fn delete_now<K: Resource>(&self, name: &str, revision: &str) -> Result<(), StoreError> {
+        let expected = decode_revision::<K>(name, Some(revision))?;
+        let mut st = self.lock();
+        let key = (K::KIND, name.to_string());
+        let current = match st.objects.get(&key) {
+            None => return Err(StoreError::not_found::<K>(name)),
+            Some(e) => e.revision,
+        };
+        if current != expected {
+            st.stats.conflicts += 1;
+            return Err(StoreError::conflict::<K>(name));
+        }
+        if st.inject_conflict() {
+            return Err(StoreError::conflict::<K>(name));
+        }
+        st.objects.remove(&key);
+        st.stats.deletes += 1;
+        Ok(())
+    }
+}
+
+/// A future that is `Pending` once (waking itself) when asked to, then ready.
+struct YieldOnce {
+    pending: bool,
+}
+
+impl Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pending {
+            self.pending = false;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    async fn get<K: Resource>(&self, name: &str) -> Result<K, StoreError> {
+        self.yield_point().await;
+        self.get_now(name)
+    }
+
+    async fn list<K: Resource>(&self) -> Result<Vec<K>, StoreError> {
+        self.yield_point().await;
+        Ok(self.list_now())
+    }
+
+    async fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        self.yield_point().await;
+        self.create_now(obj)
+    }
+
+    async fn update<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        self.yield_point().await;
+        self.update_now(obj)
+    }
+
+    async fn delete<K: Resource>(&self, name: &str, revision: &str) -> Result<(), StoreError> {
+        self.yield_point().await;
+        self.delete_now::<K>(name, revision)
+    }
+}
