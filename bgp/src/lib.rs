@@ -1,3 +1,4 @@
 //! tortie-bgp: a BGP-4 speaker as a library (codec, FSM, RIBs, best path, sessions).
 
+pub mod fsm;
 pub mod wire;
