@@ -8,6 +8,7 @@ packages=(
   iproute2 iputils-ping procps psmisc openssl nftables kmod
   bird2 frr gobgpd exabgp
   containernetworking-plugins
+  qemu-system-x86 busybox-static cpio
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -28,3 +29,6 @@ for svc in bird frr; do
 done
 
 "$here/build-kube.sh"
+
+# Debian's stock kernel for the IPIP guest (`make test-kernel`), downloaded and unpacked once.
+"$here/../qemu/prepare.sh"
