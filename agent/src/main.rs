@@ -1,6 +1,7 @@
 //! The `tortie` binary: node agent, CNI plugin and operator commands.
 
 mod autodetect;
+mod cluster;
 mod datastore;
 
 use anyhow::Result;
