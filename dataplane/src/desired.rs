@@ -154,6 +154,13 @@ pub fn desired(inputs: &Inputs, config: &Config) -> Result<DesiredState, InputEr
     Ok(state)
 }
 
+impl Inputs {
+    /// Checks the inputs without computing anything: the errors [`desired`] would return.
+    pub fn validate(&self) -> Result<(), InputError> {
+        validate(self)
+    }
+}
+
 fn validate(inputs: &Inputs) -> Result<(), InputError> {
     if inputs.uplink.is_empty() {
         return Err(InputError::NoUplink);

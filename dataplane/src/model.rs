@@ -214,12 +214,17 @@ pub enum RouteTarget {
         ifname: Arc<str>,
         onlink: bool,
     },
+    /// Only ever seen in the kernel: a route of tortie's protocol that tortie would not build
+    /// (multipath, unreachable, …); the reconciler replaces or deletes it.
+    Unrecognised {
+        description: String,
+    },
 }
 
 impl RouteTarget {
     pub fn ifname(&self) -> Option<&str> {
         match self {
-            RouteTarget::Blackhole => None,
+            RouteTarget::Blackhole | RouteTarget::Unrecognised { .. } => None,
             RouteTarget::Device { ifname } | RouteTarget::Gateway { ifname, .. } => Some(ifname),
         }
     }
@@ -241,6 +246,7 @@ impl fmt::Display for RouteTarget {
                 }
                 Ok(())
             }
+            RouteTarget::Unrecognised { description } => write!(f, "unrecognised ({description})"),
         }
     }
 }

@@ -1,0 +1,850 @@
+//! The only code that writes to the kernel: dumps into [`Actual`], applies [`Plan`]s through
+//! the batch socket, folds monitor events into the view, and keeps the counters.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::diff::{Actual, DeviceOp, Plan, WriteMode, diff, diff_devices};
+use crate::messages::{
+    IPV6_DEFAULT_METRIC, address_dump_request, address_message, fdb_message, link_create_message,
+    link_delete_message, link_dump_request, link_set_message, neighbour_dump_request,
+    neighbour_message, parse_address, parse_link, parse_neighbour, parse_route,
+    route_delete_message, route_dump_request, route_message,
+};
+use crate::model::{
+    Config, DesiredState, DeviceSpec, FdbEntry, Neighbour, RouteKind, RouteTarget, format_mac,
+};
+use crate::socket::{BatchSocket, Nack, Request, SocketError};
+
+/// calico-node's BIRD marks its routes with protocol 12.
+const CALICO_BIRD_PROTOCOL: u8 = 12;
+/// At most this many recent per-object errors are kept for the agent to log or show.
+const KEPT_ERRORS: usize = 32;
+
+/// One object the kernel refused, with the operation and errno.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op} {object}: {nack}")]
+pub struct ApplyError {
+    pub op: &'static str,
+    pub object: String,
+    pub nack: Nack,
+}
+
+/// Plain counters for the agent's metrics (`tortie_dataplane_*`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    /// Desired routes currently in the kernel, by kind.
+    pub routes_by_kind: BTreeMap<RouteKind, u64>,
+    /// Desired routes waiting for their interface to appear.
+    pub routes_waiting: u64,
+    /// Reconcile passes that wrote something.
+    pub applies: u64,
+    /// Kernel objects written (routes, neighbours, FDB entries, device changes).
+    pub writes: u64,
+    pub failures_by_errno: BTreeMap<i32, u64>,
+    /// Full dumps of the kernel state (start, overrun, link change, periodic).
+    pub resyncs: u64,
+    pub monitor_overruns: u64,
+    /// Routes re-written after someone else removed or changed them.
+    pub routes_restored: u64,
+    /// calico-node routes re-marked as tortie's.
+    pub routes_adopted: u64,
+    pub apply_seconds_total: f64,
+    pub apply_seconds_last: f64,
+    pub apply_seconds_max: f64,
+    /// Generation of the inputs last applied (see `Dataplane::set_desired`).
+    pub generation_applied: u64,
+    pub recent_errors: Vec<String>,
+}
+
+/// What a monitor event means for the reconcile loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EventEffect {
+    Nothing,
+    /// The kernel now differs from the desired state: reconcile (no dump needed).
+    Reconcile,
+    /// Something the view cannot follow by events alone (a link went down and the kernel
+    /// flushed routes silently): dump everything again.
+    Resync,
+}
+
+/// Result of one reconcile pass.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub writes: usize,
+    pub failures: Vec<ApplyError>,
+    pub waiting: usize,
+}
+
+/// The reconciler: a batch socket, tortie's view of the kernel, the desired state.
+#[derive(Debug)]
+pub struct Reconciler {
+    config: Config,
+    socket: BatchSocket,
+    actual: Actual,
+    desired: DesiredState,
+    desired_ifnames: HashSet<Arc<str>>,
+    complete: bool,
+    counters: Counters,
+}
+
+impl Reconciler {
+    /// Opens the batch socket in the calling thread's network namespace. The view is empty
+    /// until [`Reconciler::resync`].
+    pub fn new(config: Config) -> Result<Reconciler, SocketError> {
+        Ok(Reconciler {
+            config,
+            socket: BatchSocket::open()?,
+            actual: Actual::default(),
+            desired: DesiredState::default(),
+            desired_ifnames: HashSet::new(),
+            complete: false,
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    pub fn actual(&self) -> &Actual {
+        &self.actual
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// From now on, kernel objects tortie owns but does not want are deleted.
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    pub fn set_desired(&mut self, desired: DesiredState) {
+        self.desired_ifnames = desired
+            .routes
+            .values()
+            .filter_map(|r| match &r.target {
+                RouteTarget::Device { ifname } | RouteTarget::Gateway { ifname, .. } => {
+                    Some(ifname.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        self.desired = desired;
+    }
+
+    fn owned_device_names(&self) -> [&str; 3] {
+        [
+            self.config.ipip_device.as_str(),
+            self.config.vxlan_device.as_str(),
+            self.config.vxlan_v6_device.as_str(),
+        ]
+    }
+
+    fn is_owned_device(&self, name: &str) -> bool {
+        self.owned_device_names().contains(&name)
+    }
+
+    /// Replaces the view with a full dump: links, addresses, tortie's routes (filtered by
+    /// protocol in the kernel), neighbours/FDB on tortie's devices, and adoptable routes.
+    pub fn resync(&mut self) -> Result<(), SocketError> {
+        self.counters.resyncs += 1;
+        let mut actual = Actual::default();
+        for msg in self.socket.dump("link dump", &link_dump_request())? {
+            if let RouteNetlinkMessage::NewLink(l) = msg
+                && let Some(link) = parse_link(&l)
+            {
+                actual.insert_link(link);
+            }
+        }
+        for msg in self.socket.dump("address dump", &address_dump_request())? {
+            if let RouteNetlinkMessage::NewAddress(a) = msg
+                && let Some((index, net)) = parse_address(&a)
+            {
+                actual.addrs.entry(index).or_default().insert(net);
+            }
+        }
+        let protocol = self.config.route_protocol;
+        for v6 in [false, true] {
+            let links = &actual;
+            let name_of = |i: u32| links.links.get(&i).map(|l| l.name.clone());
+            // An interrupted dump restarts from scratch: forget what the partial one gave.
+            let routes = std::cell::RefCell::new(Vec::new());
+            self.socket.dump_raw(
+                "route dump",
+                &route_dump_request(v6, Some(protocol)),
+                |kind, payload| {
+                    if let RouteNetlinkMessage::NewRoute(r) =
+                        crate::socket::parse_message("route dump", kind, payload)?
+                        && let Some(route) = parse_route(&r, name_of)
+                        && route.protocol == protocol
+                    {
+                        routes.borrow_mut().push(route);
+                    }
+                    Ok(())
+                },
+                || routes.borrow_mut().clear(),
+            )?;
+            actual
+                .routes
+                .extend(routes.into_inner().into_iter().map(|r| (r.dst, r.target)));
+        }
+        if self.config.adopt_calico_routes && !self.complete {
+            self.dump_adoptable(&mut actual)?;
+        }
+        for family in [
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+            AddressFamily::Bridge,
+        ] {
+            for msg in self
+                .socket
+                .dump("neighbour dump", &neighbour_dump_request(family))?
+            {
+                if let RouteNetlinkMessage::NewNeighbour(n) = msg {
+                    self.fold_neighbour(&mut actual, &parse_neighbour(&n), true);
+                }
+            }
+        }
+        self.actual = actual;
+        Ok(())
+    }
+
+    fn dump_adoptable(&mut self, actual: &mut Actual) -> Result<(), SocketError> {
+        for v6 in [false, true] {
+            for msg in self
+                .socket
+                .dump("route dump (adoption)", &route_dump_request(v6, None))?
+            {
+                let RouteNetlinkMessage::NewRoute(r) = msg else {
+                    continue;
+                };
+                let name_of = |i: u32| actual.links.get(&i).map(|l| l.name.clone());
+                let Some(route) = parse_route(&r, name_of) else {
+                    continue;
+                };
+                let host = route.dst.prefix_len() == route.dst.max_prefix_len();
+                let on_cali = route.target.ifname().is_some_and(|n| n.starts_with("cali"));
+                let wanted_priority = if v6 { IPV6_DEFAULT_METRIC } else { 0 };
+                if route.protocol != self.config.route_protocol
+                    && route.priority == wanted_priority
+                    && (route.protocol == CALICO_BIRD_PROTOCOL || (host && on_cali))
+                {
+                    actual.adoptable.insert(route.dst, route.target);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fold_neighbour(
+        &self,
+        actual: &mut Actual,
+        n: &crate::messages::KernelNeighbour,
+        present: bool,
+    ) {
+        let Some(link) = actual.links.get(&n.ifindex) else {
+            return;
+        };
+        if !self.is_owned_device(&link.name) || !n.permanent {
+            return;
+        }
+        let (Some(ip), Some(mac)) = (n.ip, n.mac) else {
+            return;
+        };
+        let ifname = link.name.to_string();
+        if n.bridge {
+            let e = FdbEntry {
+                ifname,
+                mac,
+                dst: ip,
+            };
+            if present {
+                actual.fdb.insert(e);
+            } else {
+                actual.fdb.remove(&e);
+            }
+        } else {
+            let e = Neighbour { ifname, ip, mac };
+            if present {
+                actual.neighbours.insert(e);
+            } else {
+                actual.neighbours.remove(&e);
+            }
+        }
+    }
+
+    /// Folds one monitor message into the view and says what it requires.
+    pub fn on_event(&mut self, msg: &RouteNetlinkMessage) -> EventEffect {
+        match msg {
+            RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+                let added = matches!(msg, RouteNetlinkMessage::NewRoute(_));
+                let actual = &self.actual;
+                let name_of = |i: u32| actual.links.get(&i).map(|l| l.name.clone());
+                let Some(route) = parse_route(r, name_of) else {
+                    return EventEffect::Nothing;
+                };
+                let wanted = self.desired.routes.get(&route.dst).map(|d| &d.target);
+                if route.protocol == self.config.route_protocol {
+                    if added {
+                        self.actual.routes.insert(route.dst, route.target);
+                    } else {
+                        self.actual.routes.remove(&route.dst);
+                    }
+                    self.actual.displaced.remove(&route.dst);
+                    if self.actual.routes.get(&route.dst) != wanted {
+                        return EventEffect::Reconcile;
+                    }
+                } else if added && wanted.is_some() {
+                    let our_priority = if route.dst.addr().is_ipv6() {
+                        IPV6_DEFAULT_METRIC
+                    } else {
+                        0
+                    };
+                    // Same destination and metric: this route took the slot of ours.
+                    if route.priority == our_priority
+                        && self.actual.routes.remove(&route.dst).is_some()
+                    {
+                        self.actual.displaced.insert(route.dst);
+                        return EventEffect::Reconcile;
+                    }
+                }
+                EventEffect::Nothing
+            }
+            RouteNetlinkMessage::NewLink(l) => {
+                let Some(link) = parse_link(l) else {
+                    return EventEffect::Nothing;
+                };
+                let relevant = self.is_relevant_link(&link.name);
+                let before = self.actual.links.get(&link.index).cloned();
+                let changed = before.as_ref().is_none_or(|b| {
+                    b.name != link.name || b.up != link.up || b.mtu != link.mtu || b.mac != link.mac
+                });
+                self.actual.insert_link(link);
+                if relevant && changed {
+                    EventEffect::Resync
+                } else {
+                    EventEffect::Nothing
+                }
+            }
+            RouteNetlinkMessage::DelLink(l) => {
+                let index = l.header.index;
+                let relevant = self
+                    .actual
+                    .links
+                    .get(&index)
+                    .is_some_and(|link| self.is_relevant_link(&link.name));
+                self.actual.remove_link(index);
+                if relevant {
+                    EventEffect::Resync
+                } else {
+                    EventEffect::Nothing
+                }
+            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                let Some((index, net)) = parse_address(a) else {
+                    return EventEffect::Nothing;
+                };
+                let set = self.actual.addrs.entry(index).or_default();
+                if matches!(msg, RouteNetlinkMessage::NewAddress(_)) {
+                    set.insert(net);
+                } else {
+                    set.remove(&net);
+                }
+                let ours = self
+                    .actual
+                    .links
+                    .get(&index)
+                    .is_some_and(|l| self.is_owned_device(&l.name));
+                if ours {
+                    EventEffect::Reconcile
+                } else {
+                    EventEffect::Nothing
+                }
+            }
+            RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+                let parsed = parse_neighbour(n);
+                let ours = self
+                    .actual
+                    .links
+                    .get(&parsed.ifindex)
+                    .is_some_and(|l| self.is_owned_device(&l.name));
+                if !ours {
+                    return EventEffect::Nothing;
+                }
+                let mut actual = std::mem::take(&mut self.actual);
+                let present = matches!(msg, RouteNetlinkMessage::NewNeighbour(_));
+                // A replaced entry shows up only as its new value: drop the old one first.
+                if present && parsed.permanent {
+                    let name = actual
+                        .links
+                        .get(&parsed.ifindex)
+                        .map(|l| l.name.to_string());
+                    if parsed.bridge {
+                        actual.fdb.retain(|f| {
+                            Some(&f.ifname) != name.as_ref() || Some(f.mac) != parsed.mac
+                        });
+                    } else {
+                        actual.neighbours.retain(|e| {
+                            Some(&e.ifname) != name.as_ref() || Some(e.ip) != parsed.ip
+                        });
+                    }
+                }
+                self.fold_neighbour(&mut actual, &parsed, present);
+                self.actual = actual;
+                EventEffect::Reconcile
+            }
+            _ => EventEffect::Nothing,
+        }
+    }
+
+    fn is_relevant_link(&self, name: &str) -> bool {
+        self.is_owned_device(name) || self.desired_ifnames.contains(name)
+    }
+
+    /// The pure part of a reconcile pass, exposed so callers (and benchmarks) can see what
+    /// would be written without touching the kernel.
+    pub fn plan(&self) -> Plan {
+        diff(&self.desired, &self.actual, self.complete)
+    }
+
+    /// One level-triggered pass: devices first, then neighbours and routes, then deletions.
+    pub fn reconcile(&mut self) -> Result<Report, SocketError> {
+        let start = Instant::now();
+        let mut report = Report::default();
+        let owned = self.owned_device_names().map(str::to_owned);
+        let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let device_ops = diff_devices(&self.desired, &self.actual, &owned, self.complete);
+        let (creates, deletes): (Vec<_>, Vec<_>) = device_ops
+            .into_iter()
+            .partition(|op| !matches!(op, DeviceOp::Delete { .. }) || self.desired_has_device(op));
+        if !creates.is_empty() {
+            self.apply_device_ops(creates, &mut report)?;
+        }
+        let plan = self.plan();
+        report.waiting = plan.waiting.len();
+        self.counters.routes_waiting = plan.waiting.len() as u64;
+        if !plan.is_empty() {
+            self.apply_plan(plan, &mut report)?;
+        }
+        if !deletes.is_empty() {
+            self.apply_device_ops(deletes, &mut report)?;
+        }
+        if report.writes > 0 || !report.failures.is_empty() {
+            self.counters.applies += 1;
+            let secs = start.elapsed().as_secs_f64();
+            self.counters.apply_seconds_last = secs;
+            self.counters.apply_seconds_total += secs;
+            self.counters.apply_seconds_max = self.counters.apply_seconds_max.max(secs);
+            self.recount_routes();
+        }
+        Ok(report)
+    }
+
+    /// Device deletes that are part of a recreate run with the creates, before routes.
+    fn desired_has_device(&self, op: &DeviceOp) -> bool {
+        match op {
+            DeviceOp::Delete { name } => self.desired.devices.iter().any(|d| d.name() == name),
+            _ => true,
+        }
+    }
+
+    /// Recomputes `routes_by_kind` from the desired routes present in the view.
+    pub fn recount_routes(&mut self) {
+        let mut by_kind: BTreeMap<RouteKind, u64> =
+            RouteKind::ALL.iter().map(|k| (*k, 0)).collect();
+        for (dst, route) in &self.desired.routes {
+            if self.actual.routes.get(dst) == Some(&route.target) {
+                *by_kind.entry(route.kind).or_default() += 1;
+            }
+        }
+        self.counters.routes_by_kind = by_kind;
+    }
+
+    fn record_failure(
+        &mut self,
+        report: &mut Report,
+        op: &'static str,
+        object: String,
+        nack: Nack,
+    ) {
+        *self
+            .counters
+            .failures_by_errno
+            .entry(nack.errno)
+            .or_default() += 1;
+        let err = ApplyError { op, object, nack };
+        tracing::warn!(error = %err, "kernel refused a dataplane change");
+        if self.counters.recent_errors.len() >= KEPT_ERRORS {
+            self.counters.recent_errors.remove(0);
+        }
+        self.counters.recent_errors.push(err.to_string());
+        report.failures.push(err);
+    }
+
+    fn apply_plan(&mut self, plan: Plan, report: &mut Report) -> Result<(), SocketError> {
+        let index_of = |actual: &Actual, name: &str| actual.link_index.get(name).copied();
+        let protocol = self.config.route_protocol;
+
+        // Neighbours and FDB entries before the routes that resolve through them.
+        let mut requests = Vec::new();
+        let mut objects: Vec<(&'static str, String)> = Vec::new();
+        for n in &plan.neighbour_adds {
+            if let Some(i) = index_of(&self.actual, &n.ifname) {
+                requests.push(Request {
+                    message: RouteNetlinkMessage::NewNeighbour(neighbour_message(i, n.ip, n.mac)),
+                    flags: NLM_F_CREATE | NLM_F_REPLACE,
+                });
+                objects.push((
+                    "add",
+                    format!(
+                        "neighbour {} lladdr {} dev {}",
+                        n.ip,
+                        format_mac(&n.mac),
+                        n.ifname
+                    ),
+                ));
+            }
+        }
+        for f in &plan.fdb_adds {
+            if let Some(i) = index_of(&self.actual, &f.ifname) {
+                requests.push(Request {
+                    message: RouteNetlinkMessage::NewNeighbour(fdb_message(i, f.mac, f.dst)),
+                    flags: NLM_F_CREATE | NLM_F_REPLACE,
+                });
+                objects.push((
+                    "add",
+                    format!("fdb {} dst {} dev {}", format_mac(&f.mac), f.dst, f.ifname),
+                ));
+            }
+        }
+        if !requests.is_empty() {
+            let results = self.socket.batch(requests)?;
+            let mut neighbours = plan.neighbour_adds.iter();
+            let mut fdbs = plan.fdb_adds.iter();
+            for ((op, object), result) in objects.into_iter().zip(results) {
+                let is_fdb = object.starts_with("fdb");
+                match result {
+                    None => {
+                        report.writes += 1;
+                        self.counters.writes += 1;
+                        if is_fdb {
+                            if let Some(f) = fdbs.next() {
+                                self.actual
+                                    .fdb
+                                    .retain(|e| e.ifname != f.ifname || e.mac != f.mac);
+                                self.actual.fdb.insert(f.clone());
+                            }
+                        } else if let Some(n) = neighbours.next() {
+                            self.actual
+                                .neighbours
+                                .retain(|e| e.ifname != n.ifname || e.ip != n.ip);
+                            self.actual.neighbours.insert(n.clone());
+                        }
+                    }
+                    Some(nack) => {
+                        if is_fdb {
+                            fdbs.next();
+                        } else {
+                            neighbours.next();
+                        }
+                        self.record_failure(report, op, object, nack);
+                    }
+                }
+            }
+        }
+
+        // Routes: writes then deletes, all in one pipelined batch.
+        let mut requests = Vec::with_capacity(plan.route_writes.len() + plan.route_deletes.len());
+        let mut sent_writes = Vec::with_capacity(plan.route_writes.len());
+        for w in plan.route_writes {
+            let oif = match w.target.ifname() {
+                Some(name) => match index_of(&self.actual, name) {
+                    Some(i) => Some(i),
+                    None => continue,
+                },
+                None => None,
+            };
+            let flags = match w.mode {
+                WriteMode::Create => NLM_F_CREATE | NLM_F_EXCL,
+                WriteMode::Replace => NLM_F_CREATE | NLM_F_REPLACE,
+            };
+            requests.push(Request {
+                message: RouteNetlinkMessage::NewRoute(route_message(
+                    &w.dst, &w.target, oif, protocol,
+                )),
+                flags,
+            });
+            sent_writes.push(w);
+        }
+        for dst in &plan.route_deletes {
+            requests.push(Request {
+                message: RouteNetlinkMessage::DelRoute(route_delete_message(dst, protocol)),
+                flags: 0,
+            });
+        }
+        if !requests.is_empty() {
+            let results = self.socket.batch(requests)?;
+            let (write_results, delete_results) = results.split_at(sent_writes.len());
+            for (w, result) in sent_writes.into_iter().zip(write_results) {
+                match result {
+                    None => {
+                        report.writes += 1;
+                        self.counters.writes += 1;
+                        if self.actual.adoptable.remove(&w.dst).is_some() {
+                            self.counters.routes_adopted += 1;
+                        }
+                        if self.actual.displaced.remove(&w.dst) {
+                            self.counters.routes_restored += 1;
+                        }
+                        self.actual.routes.insert(w.dst, w.target);
+                    }
+                    Some(nack) => {
+                        let op = match w.mode {
+                            WriteMode::Create => "add",
+                            WriteMode::Replace => "replace",
+                        };
+                        self.record_failure(
+                            report,
+                            op,
+                            format!("route {} {}", w.dst, w.target),
+                            nack.clone(),
+                        );
+                    }
+                }
+            }
+            for (dst, result) in plan.route_deletes.iter().zip(delete_results) {
+                match result {
+                    // Already gone is the state we wanted.
+                    None => {
+                        report.writes += 1;
+                        self.counters.writes += 1;
+                        self.actual.routes.remove(dst);
+                    }
+                    Some(nack) if nack.errno == libc::ESRCH => {
+                        self.actual.routes.remove(dst);
+                    }
+                    Some(nack) => {
+                        self.record_failure(report, "delete", format!("route {dst}"), nack.clone());
+                    }
+                }
+            }
+        }
+
+        // Neighbour and FDB deletions last.
+        let mut requests = Vec::new();
+        let mut objects = Vec::new();
+        for n in &plan.neighbour_dels {
+            if let Some(i) = index_of(&self.actual, &n.ifname) {
+                requests.push(Request {
+                    message: RouteNetlinkMessage::DelNeighbour(neighbour_message(i, n.ip, n.mac)),
+                    flags: 0,
+                });
+                objects.push(format!("neighbour {} dev {}", n.ip, n.ifname));
+            }
+        }
+        for f in &plan.fdb_dels {
+            if let Some(i) = index_of(&self.actual, &f.ifname) {
+                requests.push(Request {
+                    message: RouteNetlinkMessage::DelNeighbour(fdb_message(i, f.mac, f.dst)),
+                    flags: 0,
+                });
+                objects.push(format!(
+                    "fdb {} dst {} dev {}",
+                    format_mac(&f.mac),
+                    f.dst,
+                    f.ifname
+                ));
+            }
+        }
+        if !requests.is_empty() {
+            let results = self.socket.batch(requests)?;
+            for (object, result) in objects.into_iter().zip(results) {
+                match result {
+                    None => {
+                        report.writes += 1;
+                        self.counters.writes += 1;
+                    }
+                    Some(nack) if nack.errno == libc::ENOENT => {}
+                    Some(nack) => self.record_failure(report, "delete", object, nack),
+                }
+            }
+            for n in &plan.neighbour_dels {
+                self.actual.neighbours.remove(n);
+            }
+            for f in &plan.fdb_dels {
+                self.actual.fdb.remove(f);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_device_ops(
+        &mut self,
+        ops: Vec<DeviceOp>,
+        report: &mut Report,
+    ) -> Result<(), SocketError> {
+        for op in ops {
+            let (verb, object, result) = match &op {
+                DeviceOp::Create(spec) => {
+                    let underlay = match spec {
+                        DeviceSpec::Vxlan { underlay, .. } => {
+                            self.actual.link_index.get(underlay.as_str()).copied()
+                        }
+                        DeviceSpec::Ipip { .. } => None,
+                    };
+                    let r = self.socket.request(
+                        RouteNetlinkMessage::NewLink(link_create_message(spec, underlay)),
+                        NLM_F_CREATE | NLM_F_EXCL,
+                    );
+                    // tunl0 appears by itself when the ipip module loads.
+                    let r = match r {
+                        Err(n) if n.errno == libc::EEXIST => Ok(()),
+                        other => other,
+                    };
+                    ("create", format!("device {}", spec.name()), r)
+                }
+                DeviceOp::Configure(spec) => {
+                    let mac = match spec {
+                        DeviceSpec::Vxlan { mac, .. } => Some(*mac),
+                        DeviceSpec::Ipip { .. } => None,
+                    };
+                    let r = match self.actual.link_index.get(spec.name()) {
+                        Some(&i) => self.socket.request(
+                            RouteNetlinkMessage::SetLink(link_set_message(
+                                i,
+                                spec.mtu(),
+                                mac,
+                                true,
+                            )),
+                            0,
+                        ),
+                        None => continue,
+                    };
+                    ("configure", format!("device {}", spec.name()), r)
+                }
+                DeviceOp::AddAddress { name, addr } | DeviceOp::DelAddress { name, addr } => {
+                    let Some(&i) = self.actual.link_index.get(name.as_str()) else {
+                        continue;
+                    };
+                    let add = matches!(op, DeviceOp::AddAddress { .. });
+                    let msg = address_message(i, *addr);
+                    let r = if add {
+                        self.socket.request(
+                            RouteNetlinkMessage::NewAddress(msg),
+                            NLM_F_CREATE | NLM_F_REPLACE,
+                        )
+                    } else {
+                        self.socket.request(RouteNetlinkMessage::DelAddress(msg), 0)
+                    };
+                    if r.is_ok() {
+                        let set = self.actual.addrs.entry(i).or_default();
+                        if add {
+                            set.insert(*addr);
+                        } else {
+                            set.remove(addr);
+                        }
+                    }
+                    (
+                        if add { "add" } else { "delete" },
+                        format!("address {addr} dev {name}"),
+                        r,
+                    )
+                }
+                DeviceOp::Delete { name } => {
+                    let Some(&i) = self.actual.link_index.get(name.as_str()) else {
+                        continue;
+                    };
+                    let r = self
+                        .socket
+                        .request(RouteNetlinkMessage::DelLink(link_delete_message(i)), 0);
+                    let r = match r {
+                        // The ipip fallback device cannot be deleted: take it down instead.
+                        Err(_) if name == &self.config.ipip_device => self.socket.request(
+                            RouteNetlinkMessage::SetLink(link_set_message(
+                                i,
+                                self.actual.links.get(&i).map_or(1480, |l| l.mtu),
+                                None,
+                                false,
+                            )),
+                            0,
+                        ),
+                        other => other,
+                    };
+                    ("delete", format!("device {name}"), r)
+                }
+            };
+            match result {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.counters.writes += 1;
+                }
+                Err(nack) => self.record_failure(report, verb, object, nack),
+            }
+            if matches!(op, DeviceOp::Create(_) | DeviceOp::Delete { .. }) {
+                self.refresh_links()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads links (and their addresses) after a device was created or deleted.
+    fn refresh_links(&mut self) -> Result<(), SocketError> {
+        let mut links = Vec::new();
+        for msg in self.socket.dump("link dump", &link_dump_request())? {
+            if let RouteNetlinkMessage::NewLink(l) = msg
+                && let Some(link) = parse_link(&l)
+            {
+                links.push(link);
+            }
+        }
+        let alive: HashSet<u32> = links.iter().map(|l| l.index).collect();
+        let gone: Vec<u32> = self
+            .actual
+            .links
+            .keys()
+            .filter(|i| !alive.contains(i))
+            .copied()
+            .collect();
+        for i in gone {
+            let name = self.actual.links.get(&i).map(|l| l.name.to_string());
+            self.actual.remove_link(i);
+            if let Some(name) = name {
+                self.actual.neighbours.retain(|n| n.ifname != name);
+                self.actual.fdb.retain(|f| f.ifname != name);
+                // Routes through a deleted device are gone with it.
+                self.actual
+                    .routes
+                    .retain(|_, t| t.ifname() != Some(name.as_str()));
+            }
+        }
+        for link in links {
+            self.actual.insert_link(link);
+        }
+        self.actual.addrs.clear();
+        for msg in self.socket.dump("address dump", &address_dump_request())? {
+            if let RouteNetlinkMessage::NewAddress(a) = msg
+                && let Some((index, net)) = parse_address(&a)
+            {
+                self.actual.addrs.entry(index).or_default().insert(net);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Time a reconcile should wait before retrying after failures: short, bounded.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
