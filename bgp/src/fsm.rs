@@ -295,7 +295,7 @@ impl Fsm {
 
             (Connect | Active, ManualStop) => {
                 self.connect_retry_counter = 0;
-                self.to_idle(&mut actions);
+                self.enter_idle(&mut actions);
             }
             (Connect, ConnectRetryTimer_Expires) => {
                 actions.push(Action::Disconnect);
@@ -317,7 +317,7 @@ impl Fsm {
             }
             (Connect | Active, _) => {
                 self.connect_retry_counter += 1;
-                self.to_idle(&mut actions);
+                self.enter_idle(&mut actions);
             }
 
             (OpenSent | OpenConfirm | Established, ManualStop) => {
@@ -361,12 +361,12 @@ impl Fsm {
             }
             (OpenConfirm | Established, TcpConnectionFails) => {
                 self.connect_retry_counter += 1;
-                self.to_idle(&mut actions);
+                self.enter_idle(&mut actions);
                 self.down(&mut actions, was_established, DownReason::ConnectionFailed);
             }
             (OpenSent | OpenConfirm | Established, NotifMsg(n) | NotifMsgVerErr(n)) => {
                 self.connect_retry_counter += 1;
-                self.to_idle(&mut actions);
+                self.enter_idle(&mut actions);
                 self.down(
                     &mut actions,
                     was_established,
@@ -459,7 +459,7 @@ impl Fsm {
         }
     }
 
-    fn to_idle(&mut self, actions: &mut Vec<Action>) {
+    fn enter_idle(&mut self, actions: &mut Vec<Action>) {
         actions.push(Action::Disconnect);
         actions.push(Action::StopTimer(Timer::ConnectRetry));
         actions.push(Action::StopTimer(Timer::Hold));
@@ -469,7 +469,7 @@ impl Fsm {
 
     fn notify_and_idle(&mut self, actions: &mut Vec<Action>, notification: Notification) {
         actions.push(Action::Send(Message::Notification(notification)));
-        self.to_idle(actions);
+        self.enter_idle(actions);
     }
 
     fn down(&mut self, actions: &mut Vec<Action>, was_established: bool, reason: DownReason) {
