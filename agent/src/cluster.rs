@@ -43,7 +43,7 @@ impl NodeInfo {
         labels: &BTreeMap<String, String>,
     ) -> (NodeInfo, Vec<NodeFieldError>) {
         let mut errors = Vec::new();
-        let mut field = |key: &'static str| annotations_map.get(key).map(|v| (key, v.trim()));
+        let field = |key: &'static str| annotations_map.get(key).map(|v| (key, v.trim()));
         let mut info = NodeInfo {
             name: name.to_owned(),
             labels: labels.clone(),

@@ -1,10 +1,20 @@
 //! The `tortie` binary: node agent, CNI plugin and operator commands.
 
+mod agent;
 mod autodetect;
+mod bootstrap;
 mod cluster;
+mod cni;
+mod config;
 mod datastore;
+mod http;
+mod local_api;
+mod metrics;
+mod routing;
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -20,6 +30,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Runs the node agent (as calico-node does), configured by calico-node's env vars.
+    Agent {
+        /// Log as JSON lines.
+        #[arg(long, env = "TORTIE_LOG_JSON")]
+        log_json: bool,
+    },
+    /// Shows this node's BGP sessions, blocks and routes (like `calicoctl node status`).
+    Status {
+        #[arg(long, env = "TORTIE_RUN_DIR", default_value = "/run/tortie")]
+        run_dir: std::path::PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints the node address autodetection would choose (IP_AUTODETECTION_METHOD).
     DetectAddress {
         #[arg(long, env = "IP_AUTODETECTION_METHOD", default_value = "first-found")]
@@ -29,14 +53,94 @@ enum Command {
     },
 }
 
+fn init_logging(json: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Agent { log_json } => {
+            init_logging(log_json);
+            let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+            let cfg = config::from_env(&env)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(cfg))
+        }
+        Command::Status { run_dir, json } => {
+            let reply = local_api::call(
+                &local_api::socket_path(&run_dir),
+                &local_api::Request::Status,
+                Duration::from_secs(5),
+            )?;
+            let Some(status) = reply.status else {
+                bail!("agent error: {}", reply.error.unwrap_or_default());
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
         Command::DetectAddress { method, ipv6 } => {
             let method = autodetect::Method::parse(&method)?;
             let addrs = autodetect::interface_addrs()?;
             println!("{}", autodetect::select(&method, &addrs, ipv6, &[])?);
+            Ok(())
         }
     }
-    Ok(())
+}
+
+fn print_status(s: &serde_json::Value) {
+    println!(
+        "tortie on node {} ({}), AS {}, {}",
+        s["node"].as_str().unwrap_or("?"),
+        s["address"].as_str().unwrap_or("no address"),
+        s["as_number"],
+        if s["ready"].as_bool() == Some(true) {
+            "ready"
+        } else {
+            "NOT ready"
+        }
+    );
+    println!("\nBGP peers:");
+    println!(
+        "  {:<40} {:<8} {:<12} {:<22} {}",
+        "PEER", "AS", "STATE", "SINCE", "PREFIXES"
+    );
+    for p in s["peers"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<40} {:<8} {:<12} {:<22} {}",
+            p["address"].as_str().unwrap_or("?"),
+            p["as"],
+            p["state"].as_str().unwrap_or("?"),
+            p["since"].as_str().unwrap_or("-"),
+            p["prefixes_received"]
+                .as_u64()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    println!(
+        "\nOwned blocks: {}",
+        s["blocks"].as_array().map(|b| b.len()).unwrap_or(0)
+    );
+    for b in s["blocks"].as_array().into_iter().flatten() {
+        println!("  {}", b.as_str().unwrap_or("?"));
+    }
+    println!("\nRoutes: {}", s["routes"]);
+    println!("Workloads: {}", s["workloads"]);
 }

@@ -2,3 +2,4 @@
 
 pub mod calico;
 pub mod ipam_store;
+pub mod watch;

@@ -1,0 +1,521 @@
+//! The node agent's main loop: datastore caches + BGP + local workloads → desired state →
+//! dataplane, and the local API the CNI plugin and `tortie status` use.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::api::Api;
+use kube::core::DynamicObject;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tortie_dataplane as dp;
+use tortie_ipam::{
+    AutoAssignRequest, IpPool, Ipam, IpamBlock, pod_handle_id, validate_pools, workload_attributes,
+};
+use tracing::{error, info, warn};
+
+use crate::bootstrap::{self, NodeIdentity};
+use crate::cluster::{ClusterView, LearnedRoute, NodeInfo};
+use crate::config::Config;
+use crate::datastore::calico::{BgpConfigurationSpec, BgpPeerSpec, api_resource};
+use crate::datastore::ipam_store::KubeIpamStore;
+use crate::datastore::watch::{Snapshot, spawn_cache};
+use crate::local_api::{self, Call, Reply, Request};
+use crate::routing::Routing;
+
+type Cache<K> = watch::Receiver<Arc<Snapshot<K>>>;
+
+/// A pod on this node as the CNI plugin reported it; persisted so a restarted agent keeps
+/// its routes without asking anybody.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalWorkload {
+    pub host_if: String,
+    pub ips: Vec<IpAddr>,
+}
+
+struct Caches {
+    nodes: Cache<Node>,
+    pools: Cache<DynamicObject>,
+    blocks: Cache<DynamicObject>,
+    bgp_configs: Cache<DynamicObject>,
+    bgp_peers: Cache<DynamicObject>,
+}
+
+impl Caches {
+    fn start(client: &Client) -> Caches {
+        let dynamic = |kind: &'static str| {
+            spawn_cache(
+                kind,
+                Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)),
+            )
+        };
+        Caches {
+            nodes: spawn_cache("Node", Api::all(client.clone())),
+            pools: dynamic("IPPool"),
+            blocks: dynamic("IPAMBlock"),
+            bgp_configs: dynamic("BGPConfiguration"),
+            bgp_peers: dynamic("BGPPeer"),
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.nodes.borrow().synced
+            && self.pools.borrow().synced
+            && self.blocks.borrow().synced
+            && self.bgp_configs.borrow().synced
+            && self.bgp_peers.borrow().synced
+    }
+
+    async fn changed(&mut self) -> Result<()> {
+        tokio::select! {
+            r = self.nodes.changed() => r?,
+            r = self.pools.changed() => r?,
+            r = self.blocks.changed() => r?,
+            r = self.bgp_configs.changed() => r?,
+            r = self.bgp_peers.changed() => r?,
+        }
+        Ok(())
+    }
+}
+
+/// Decodes the objects of one Calico kind, logging (once per change) the ones that do not parse.
+fn decode_all<T: serde::de::DeserializeOwned>(
+    kind: &str,
+    snap: &Snapshot<DynamicObject>,
+) -> Vec<(String, T)> {
+    snap.objects
+        .iter()
+        .filter_map(|(name, obj)| {
+            match serde_json::to_value(obj).and_then(serde_json::from_value::<T>) {
+                Ok(v) => Some((name.clone(), v)),
+                Err(e) => {
+                    warn!(kind, name, error = %e, "ignoring an object that does not decode");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn decode_spec<T: serde::de::DeserializeOwned + Default>(
+    kind: &str,
+    snap: &Snapshot<DynamicObject>,
+) -> Vec<(String, T)> {
+    snap.objects
+        .iter()
+        .filter_map(|(name, obj)| {
+            let spec = obj
+                .data
+                .get("spec")
+                .cloned()
+                .unwrap_or(serde_json::Value::Object(Default::default()));
+            match serde_json::from_value::<T>(spec) {
+                Ok(v) => Some((name.clone(), v)),
+                Err(e) => {
+                    warn!(kind, name, error = %e, "ignoring an object whose spec does not decode");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+struct Agent {
+    cfg: Config,
+    client: Client,
+    node: NodeIdentity,
+    ipam: Arc<Ipam<KubeIpamStore>>,
+    dataplane: dp::Dataplane,
+    routing: Routing,
+    workloads: BTreeMap<String, LocalWorkload>,
+    view: ClusterView,
+    last_pool_modes: Option<Vec<(String, String, String)>>,
+    reported_errors: Vec<String>,
+    complete: bool,
+    network_up_reported: bool,
+    started: Instant,
+    ready_tx: watch::Sender<bool>,
+    metrics_text: crate::http::MetricsText,
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let node = bootstrap::bootstrap(&client, &cfg).await?;
+    let ipam = Arc::new(Ipam::new(KubeIpamStore::new(client.clone())));
+    bootstrap::ensure_default_pools(ipam.store(), &cfg).await?;
+
+    let dp_config = dp::Config {
+        route_protocol: cfg.route_protocol,
+        ..dp::Config::default()
+    };
+    let dataplane = dp::Dataplane::start(dp_config).context("starting the dataplane")?;
+    let routing = Routing::start(&cfg, &node).await.context("starting BGP")?;
+
+    let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
+    let socket = local_api::socket_path(&cfg.run_dir);
+    tokio::spawn(async move {
+        if let Err(e) = local_api::serve(socket, calls_tx).await {
+            error!(error = %e, "local API stopped");
+        }
+    });
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let metrics_text = crate::http::MetricsText::default();
+    crate::http::spawn(
+        cfg.health_listen,
+        cfg.metrics_listen,
+        ready_rx,
+        metrics_text.clone(),
+    )?;
+
+    let mut caches = Caches::start(&client);
+    let workloads = load_workloads(&workloads_path(&cfg));
+    info!(node = %node.name, workloads = workloads.len(), "agent started");
+    let mut agent = Agent {
+        view: ClusterView {
+            me: node.name.clone(),
+            ..ClusterView::default()
+        },
+        cfg,
+        client,
+        node,
+        ipam,
+        dataplane,
+        routing,
+        workloads,
+        last_pool_modes: None,
+        reported_errors: Vec::new(),
+        complete: false,
+        network_up_reported: false,
+        started: Instant::now(),
+        ready_tx,
+        metrics_text,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            r = caches.changed() => { r?; agent.recompute(&caches).await; }
+            Some((req, reply)) = calls_rx.recv() => {
+                let changed = agent.handle(req, reply);
+                if changed { agent.recompute(&caches).await; }
+            }
+            Some(()) = agent.routing.changed() => agent.recompute(&caches).await,
+            _ = tick.tick() => agent.on_tick(&caches).await,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("stopping; kernel routes stay in place for the next start");
+    Ok(())
+}
+
+fn workloads_path(cfg: &Config) -> PathBuf {
+    cfg.run_dir.join("workloads.json")
+}
+
+fn load_workloads(path: &std::path::Path) -> BTreeMap<String, LocalWorkload> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "workload state unreadable; starting empty");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+impl Agent {
+    fn save_workloads(&self) {
+        let path = workloads_path(&self.cfg);
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.cfg.run_dir)?;
+            std::fs::write(&tmp, serde_json::to_vec(&self.workloads)?)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            error!(path = %path.display(), error = %e, "saving workload state failed");
+        }
+    }
+
+    fn mtu(&self) -> u32 {
+        let encap = self.view.pools.valid.iter().fold(0, |acc, p| {
+            let o = if p.vxlan_mode.is_enabled() {
+                dp::VXLAN_V4_OVERHEAD
+            } else if p.ipip_mode.is_enabled() {
+                dp::IPIP_OVERHEAD
+            } else {
+                0
+            };
+            acc.max(o)
+        });
+        self.node.uplink_mtu.saturating_sub(encap)
+    }
+
+    /// Handles one local API request; returns whether the desired state changed.
+    fn handle(&mut self, req: Request, reply: tokio::sync::oneshot::Sender<Reply>) -> bool {
+        match req {
+            Request::Assign {
+                container_id,
+                namespace,
+                pod,
+                ipv4,
+                ipv6,
+            } => {
+                let ipam = self.ipam.clone();
+                let node = self.node.clone();
+                let mtu = self.mtu();
+                // IPAM talks to the API server; do not hold up the loop while it does.
+                tokio::spawn(async move {
+                    let handle_id = pod_handle_id(&container_id);
+                    let result = async {
+                        let existing = ipam.ips_by_handle(&handle_id).await?;
+                        if !existing.is_empty() {
+                            return Ok(existing);
+                        }
+                        let req = AutoAssignRequest {
+                            handle_id,
+                            attributes: workload_attributes(
+                                &namespace,
+                                &pod,
+                                &node.name,
+                                &k8s_openapi::jiff::Timestamp::now().to_string(),
+                            ),
+                            node: node.name.clone(),
+                            node_labels: node.labels.clone(),
+                            num_v4: usize::from(ipv4),
+                            num_v6: usize::from(ipv6),
+                            pools: Vec::new(),
+                            use_: None,
+                        };
+                        let a = ipam.auto_assign(&req).await?;
+                        Ok::<_, tortie_ipam::IpamError>(a.ipv4.into_iter().chain(a.ipv6).collect())
+                    }
+                    .await;
+                    let _ = reply.send(match result {
+                        Ok(ips) => Reply {
+                            ips,
+                            mtu: Some(mtu),
+                            ..Reply::ok()
+                        },
+                        Err(e) => {
+                            Reply::err(format!("assigning an address to {namespace}/{pod}: {e}"))
+                        }
+                    });
+                });
+                false
+            }
+            Request::WorkloadUp {
+                container_id,
+                host_if,
+                ips,
+            } => {
+                self.workloads
+                    .insert(container_id, LocalWorkload { host_if, ips });
+                self.save_workloads();
+                let _ = reply.send(Reply::ok());
+                true
+            }
+            Request::Release { container_id } => {
+                let removed = self.workloads.remove(&container_id).is_some();
+                if removed {
+                    self.save_workloads();
+                }
+                let ipam = self.ipam.clone();
+                tokio::spawn(async move {
+                    let r = ipam.release_by_handle(&pod_handle_id(&container_id)).await;
+                    let _ = reply.send(match r {
+                        Ok(_)
+                        | Err(tortie_ipam::IpamError::Store(tortie_ipam::StoreError::NotFound {
+                            ..
+                        })) => Reply::ok(),
+                        Err(e) => Reply::err(format!("releasing {container_id}: {e}")),
+                    });
+                });
+                removed
+            }
+            Request::Ready => {
+                let ready = *self.ready_tx.borrow();
+                let _ = reply.send(if ready {
+                    Reply::ok()
+                } else {
+                    Reply::err("tortie agent is not ready yet")
+                });
+                false
+            }
+            Request::Status => {
+                let _ = reply.send(Reply {
+                    status: Some(self.status()),
+                    ..Reply::ok()
+                });
+                false
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let c = self.dataplane.counters();
+        serde_json::json!({
+            "node": self.node.name,
+            "address": self.node.addr_v4.map(|a| a.to_string()),
+            "as_number": self.view.my_as(),
+            "peers": self.routing.status(),
+            "blocks": self.view.my_blocks().iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "workloads": self.workloads.len(),
+            "routes": c.routes_by_kind.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect::<BTreeMap<_, _>>(),
+            "ready": *self.ready_tx.borrow(),
+        })
+    }
+
+    async fn recompute(&mut self, caches: &Caches) {
+        let nodes = caches.nodes.borrow().clone();
+        let pools = caches.pools.borrow().clone();
+        let blocks = caches.blocks.borrow().clone();
+        let bgp_configs = caches.bgp_configs.borrow().clone();
+        let bgp_peers = caches.bgp_peers.borrow().clone();
+
+        let mut errors = Vec::new();
+        let mut view = ClusterView {
+            me: self.node.name.clone(),
+            ..ClusterView::default()
+        };
+        for (name, n) in &nodes.objects {
+            let ann = n.metadata.annotations.clone().unwrap_or_default();
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            let (info, errs) = NodeInfo::from_annotations(name, &ann, &labels);
+            errors.extend(errs.iter().map(ToString::to_string));
+            view.nodes.insert(name.clone(), info);
+        }
+        let pool_objs: Vec<IpPool> = decode_all::<IpPool>("IPPool", &pools)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        view.pools = validate_pools(&pool_objs);
+        errors.extend(
+            view.pools
+                .invalid
+                .iter()
+                .map(|e| format!("{e}; the pool is ignored")),
+        );
+        view.blocks = decode_all::<IpamBlock>("IPAMBlock", &blocks)
+            .into_iter()
+            .map(|(_, b)| b)
+            .collect();
+        let configs: BTreeMap<String, BgpConfigurationSpec> =
+            decode_spec("BGPConfiguration", &bgp_configs)
+                .into_iter()
+                .collect();
+        view.bgp_config = configs.get("default").cloned().unwrap_or_default();
+        view.bgp_peers = decode_spec::<BgpPeerSpec>("BGPPeer", &bgp_peers)
+            .into_iter()
+            .collect();
+
+        // Tunnel addresses follow the pools' modes (allocate-tunnel-addrs).
+        let modes: Vec<(String, String, String)> = view
+            .pools
+            .valid
+            .iter()
+            .map(|p| {
+                (
+                    p.cidr.to_string(),
+                    format!("{:?}", p.ipip_mode),
+                    format!("{:?}", p.vxlan_mode),
+                )
+            })
+            .collect();
+        if caches.pools.borrow().synced && self.last_pool_modes.as_ref() != Some(&modes) {
+            match bootstrap::sync_tunnel_addresses(&self.client, &self.ipam, &self.node).await {
+                Ok(t) => {
+                    self.last_pool_modes = Some(modes);
+                    // Our own annotations may lag the watch; use what we just wrote.
+                    if let Some(me) = view.nodes.get_mut(&self.node.name) {
+                        me.ipip_tunnel_addr = t.ipip.and_then(|a| match a {
+                            IpAddr::V4(v4) => Some(v4),
+                            IpAddr::V6(_) => None,
+                        });
+                        me.vxlan_tunnel_addr = t.vxlan.and_then(|a| match a {
+                            IpAddr::V4(v4) => Some(v4),
+                            IpAddr::V6(_) => None,
+                        });
+                    }
+                }
+                Err(e) => errors.push(format!("tunnel addresses: {e:#}")),
+            }
+        }
+
+        let (peers, peer_errors) = view.desired_peers();
+        errors.extend(peer_errors);
+        self.routing
+            .apply(&view, peers, view.advertised_prefixes())
+            .await;
+        let learned: Vec<LearnedRoute> = self.routing.learned();
+        let workloads: Vec<dp::Workload> = self
+            .workloads
+            .values()
+            .flat_map(|w| {
+                w.ips.iter().map(|ip| dp::Workload {
+                    ip: *ip,
+                    host_if: w.host_if.clone(),
+                })
+            })
+            .collect();
+        let inputs =
+            view.dataplane_inputs(workloads, &learned, &self.node.uplink, self.node.uplink_mtu);
+        if let Err(e) = self.dataplane.set_desired(inputs) {
+            errors.push(format!("dataplane inputs: {e}"));
+        }
+        if errors != self.reported_errors {
+            for e in &errors {
+                warn!("{e}");
+            }
+            self.reported_errors = errors;
+        }
+        self.view = view;
+        self.maybe_complete(caches).await;
+    }
+
+    async fn on_tick(&mut self, caches: &Caches) {
+        self.maybe_complete(caches).await;
+        let text = crate::metrics::render(
+            &self.view,
+            &self.dataplane.counters(),
+            &self.routing.status(),
+            self.workloads.len(),
+        );
+        if let Ok(mut t) = self.metrics_text.lock() {
+            *t = text;
+        }
+    }
+
+    /// Once every cache has listed and BGP has converged (End-of-RIB from every peer, or the
+    /// startup grace ran out), the desired state is complete: stale routes may go, pods may come.
+    async fn maybe_complete(&mut self, caches: &Caches) {
+        if self.complete || !caches.synced() {
+            return;
+        }
+        let grace_over = self.started.elapsed() >= Duration::from_secs(self.cfg.startup_grace_secs);
+        if !self.routing.converged() && !grace_over {
+            return;
+        }
+        self.complete = true;
+        self.dataplane.mark_complete();
+        info!(after = ?self.started.elapsed(), "desired state complete; stale routes may now be removed");
+        let _ = self.ready_tx.send(true);
+        if let Err(e) = crate::cni::write_conflist(&self.cfg.cni_conf_dir, self.mtu()) {
+            error!(error = %e, "writing the CNI config failed");
+        }
+        if !self.network_up_reported {
+            match bootstrap::set_network_unavailable(&self.client, &self.node.name, false).await {
+                Ok(()) => self.network_up_reported = true,
+                Err(e) => warn!(error = %e, "could not clear NetworkUnavailable"),
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The CNI side of tortie: the plugin the container runtime runs, and the conflist the agent
+//! writes once the node can serve pods.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+pub const CONFLIST_NAME: &str = "10-tortie.conflist";
+
+/// Writes the conflist atomically (temp file + rename), so the runtime never reads half a file.
+pub fn write_conflist(dir: &Path, mtu: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let conf = serde_json::json!({
+        "name": "k8s-pod-network",
+        "cniVersion": "1.0.0",
+        "plugins": [
+            { "type": "tortie", "mtu": mtu, "log_level": "info" },
+            { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } }
+        ]
+    });
+    let path = dir.join(CONFLIST_NAME);
+    let tmp = dir.join(format!(".{CONFLIST_NAME}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&conf)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

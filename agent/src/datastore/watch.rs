@@ -1,0 +1,99 @@
+//! Level-triggered caches of API objects: one task per kind runs a kube-rs watcher (which
+//! relists after 410 Gone and backs off on errors) and publishes the whole set on every change.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A kind's objects by name; `synced` turns true once the first full list arrived.
+#[derive(Debug)]
+pub struct Snapshot<K> {
+    pub objects: BTreeMap<String, K>,
+    pub synced: bool,
+}
+
+impl<K> Default for Snapshot<K> {
+    fn default() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            synced: false,
+        }
+    }
+}
+
+/// Counts watch stream errors (and so restarts) across kinds, for metrics.
+pub static WATCH_RESTARTS: AtomicU64 = AtomicU64::new(0);
+
+/// Starts watching `api`; the receiver always holds the latest complete view. While the API
+/// server is unreachable the last view stays (nothing is deleted) and the watcher retries with
+/// backoff.
+pub fn spawn_cache<K>(kind: &'static str, api: Api<K>) -> watch::Receiver<Arc<Snapshot<K>>>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    tokio::spawn(async move {
+        let mut current: BTreeMap<String, K> = BTreeMap::new();
+        let mut relisting: Option<BTreeMap<String, K>> = None;
+        let mut synced = false;
+        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(ev) = stream.next().await {
+            let changed = match ev {
+                Ok(Event::Apply(obj)) => {
+                    current.insert(obj.meta().name.clone().unwrap_or_default(), obj);
+                    true
+                }
+                Ok(Event::Delete(obj)) => {
+                    current.remove(obj.meta().name.as_deref().unwrap_or_default());
+                    true
+                }
+                Ok(Event::Init) => {
+                    relisting = Some(BTreeMap::new());
+                    false
+                }
+                Ok(Event::InitApply(obj)) => {
+                    if let Some(r) = relisting.as_mut() {
+                        r.insert(obj.meta().name.clone().unwrap_or_default(), obj);
+                    }
+                    false
+                }
+                Ok(Event::InitDone) => {
+                    if let Some(r) = relisting.take() {
+                        current = r;
+                    }
+                    if !synced {
+                        info!(kind, count = current.len(), "initial list complete");
+                    }
+                    synced = true;
+                    true
+                }
+                Err(e) => {
+                    WATCH_RESTARTS.fetch_add(1, Ordering::Relaxed);
+                    warn!(kind, error = %e, "watch failed; keeping the last view and retrying");
+                    false
+                }
+            };
+            if changed
+                && tx
+                    .send(Arc::new(Snapshot {
+                        objects: current.clone(),
+                        synced,
+                    }))
+                    .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}

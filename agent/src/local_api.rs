@@ -1,0 +1,146 @@
+//! The agent's root-only unix socket: the CNI plugin asks it for addresses and reports
+//! workloads; `tortie status` reads the node's state. One JSON request per line, one JSON
+//! reply per line.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+pub const SOCKET_NAME: &str = "tortie.sock";
+
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET_NAME)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Assign addresses to `k8s-pod-network.<container_id>` (idempotent per handle).
+    Assign {
+        container_id: String,
+        namespace: String,
+        pod: String,
+        ipv4: bool,
+        ipv6: bool,
+    },
+    /// The pod's veth is wired: install its `/32` route(s) now.
+    WorkloadUp {
+        container_id: String,
+        host_if: String,
+        ips: Vec<IpAddr>,
+    },
+    /// Forget the workload and release its handle (idempotent).
+    Release { container_id: String },
+    /// Whether the agent can serve pods (CNI STATUS).
+    Ready,
+    /// Node state for `tortie status`.
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply {
+            ok: true,
+            ..Reply::default()
+        }
+    }
+
+    pub fn err(e: impl std::fmt::Display) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Reply::default()
+        }
+    }
+}
+
+/// A request with the channel its reply goes back on.
+pub type Call = (Request, oneshot::Sender<Reply>);
+
+/// Listens on `path` (mode 0600) and forwards each request to `calls`.
+pub async fn serve(path: PathBuf, calls: mpsc::Sender<Call>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, calls).await {
+                warn!(error = %e, "local API connection failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => {
+                let (tx, rx) = oneshot::channel();
+                calls
+                    .send((req, tx))
+                    .await
+                    .context("agent is shutting down")?;
+                rx.await
+                    .unwrap_or_else(|_| Reply::err("agent dropped the request"))
+            }
+            Err(e) => Reply::err(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&reply)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Client side (CNI plugin, `tortie status`): one request, one reply, bounded in time.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Reply> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "cannot reach the tortie agent at {} (is the tortie-node pod running on this node?)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("reading the agent's reply")?;
+    if reply.is_empty() {
+        bail!("the tortie agent closed the connection without replying");
+    }
+    Ok(serde_json::from_str(&reply)?)
+}
