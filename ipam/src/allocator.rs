@@ -523,7 +523,9 @@ impl<S: Store> Ipam<S> {
         Ok(got)
     }
 
-    /// The node's affinities of one family (all states but pendingDeletion), by block CIDR.
+    /// The node's affinities of one family in every state, by block CIDR. Counting includes
+    /// those pending deletion: until the release finishes they may still turn back to confirmed,
+    /// and a host must not claim past its limit in the meantime.
     async fn host_affinities(
         &self,
         node: &str,
@@ -532,8 +534,7 @@ impl<S: Store> Ipam<S> {
         let affs = self.store.list::<BlockAffinity>().await?;
         let mut out: Vec<(IpNet, AffinityState)> = affs
             .into_iter()
-            .filter(|a| a.spec.node == node && a.spec.deleted != "true")
-            .filter(|a| a.spec.state != AffinityState::PendingDeletion)
+            .filter(|a| a.spec.node == node)
             .filter_map(|a| {
                 let cidr: IpNet = a.spec.cidr.parse().ok()?;
                 (family(&cidr.network()) == fam).then_some((cidr, a.spec.state))
