@@ -80,6 +80,10 @@ pub fn desired(inputs: &Inputs, config: &Config) -> Result<DesiredState, InputEr
                 }),
                 None => Err("IPIP device missing (no ipip_tunnel_addr)".to_string()),
             },
+            _ if off_subnet(inputs, block.node_ip) => Err(format!(
+                "next hop {} is outside this node's subnet and the pool has no tunnel",
+                block.node_ip
+            )),
             _ => Ok(DesiredRoute {
                 target: direct(),
                 kind: RouteKind::Direct,
@@ -218,6 +222,17 @@ fn same_subnet(inputs: &Inputs, peer: IpAddr) -> bool {
             .node_addr_v6
             .is_some_and(|net| net.prefix_len() < 128 && net.contains(&ip)),
     }
+}
+
+/// True when this node has a real subnet and `peer` is outside it: a plain `via` route to
+/// it would not be on-link, so the kernel refuses it (ENETUNREACH). With a host-prefix node
+/// address nothing is known, and the kernel decides.
+fn off_subnet(inputs: &Inputs, peer: IpAddr) -> bool {
+    let has_subnet = match peer {
+        IpAddr::V4(_) => inputs.node_addr_v4.is_some_and(|n| n.prefix_len() < 32),
+        IpAddr::V6(_) => inputs.node_addr_v6.is_some_and(|n| n.prefix_len() < 128),
+    };
+    has_subnet && !same_subnet(inputs, peer)
 }
 
 fn vxlan_route(
@@ -389,16 +404,31 @@ mod tests {
 
     #[test]
     fn never_routes_every_remote_block_via_its_node_on_the_uplink() {
+        let mut i = inputs(EncapMode::Never, EncapMode::Never);
+        i.node_addr_v4 = Some("10.0.0.10/15".parse().unwrap());
+        i.node_addr_v6 = Some("fd00::10/15".parse().unwrap());
+        let s = desired(&i, &Config::default()).unwrap();
+        assert_eq!(target(&s, "192.168.2.0/26"), "via 10.0.0.20 dev eth0");
+        assert_eq!(target(&s, "192.168.3.0/26"), "via 10.1.0.30 dev eth0");
+        assert_eq!(target(&s, "fd99:0:0:3::/122"), "via fd01::30 dev eth0");
+        assert!(s.devices.is_empty(), "no tunnel needed: {:?}", s.devices);
+        assert!(s.neighbours.is_empty() && s.fdb.is_empty());
+    }
+
+    #[test]
+    fn unencapsulated_block_behind_a_node_off_this_subnet_is_skipped() {
         let s = desired(
             &inputs(EncapMode::Never, EncapMode::Never),
             &Config::default(),
         )
         .unwrap();
         assert_eq!(target(&s, "192.168.2.0/26"), "via 10.0.0.20 dev eth0");
-        assert_eq!(target(&s, "192.168.3.0/26"), "via 10.1.0.30 dev eth0");
-        assert_eq!(target(&s, "fd99:0:0:3::/122"), "via fd01::30 dev eth0");
-        assert!(s.devices.is_empty(), "no tunnel needed: {:?}", s.devices);
-        assert!(s.neighbours.is_empty() && s.fdb.is_empty());
+        assert!(!s.routes.contains_key(&net("192.168.3.0/26")));
+        assert!(
+            s.skipped
+                .iter()
+                .any(|k| k.cidr == net("192.168.3.0/26") && k.reason.contains("outside"))
+        );
     }
 
     #[test]
@@ -441,8 +471,8 @@ mod tests {
             target(&s, "192.168.3.0/26"),
             "via 10.1.0.30 dev tunl0 onlink"
         );
-        // IPv6 pools never use IPIP.
-        assert_eq!(target(&s, "fd99:0:0:3::/122"), "via fd01::30 dev eth0");
+        // IPv6 pools never use IPIP (and fd01::30 is off this node's subnet: no route).
+        assert!(!s.routes.contains_key(&net("fd99:0:0:3::/122")));
         assert_eq!(
             s.devices,
             vec![DeviceSpec::Ipip {
@@ -553,6 +583,7 @@ mod tests {
             cidr: net("172.16.0.0/26"),
             node_ip: ip("10.1.0.30"),
         });
+        i.node_addr_v4 = Some("10.0.0.10/15".parse().unwrap());
         let s = desired(&i, &Config::default()).unwrap();
         assert_eq!(target(&s, "172.16.0.0/26"), "via 10.1.0.30 dev eth0");
     }
@@ -565,6 +596,7 @@ mod tests {
             ipip: EncapMode::Never,
             vxlan: EncapMode::Never,
         });
+        i.node_addr_v4 = Some("10.0.0.10/15".parse().unwrap());
         let s = desired(&i, &Config::default()).unwrap();
         assert_eq!(target(&s, "192.168.3.0/26"), "via 10.1.0.30 dev eth0");
         assert_eq!(

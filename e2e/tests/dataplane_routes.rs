@@ -1,0 +1,241 @@
+//! Kernel tests: every route kind and every encapsulation mode, as `ip`/`bridge` show them,
+//! with pod-to-pod pings proving the routes carry traffic.
+
+#[path = "dataplane_support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tortie_dataplane::{Config, RouteKind, vtep_mac_for};
+use tortie_e2e::{TopologySpec, require_root, wait_until};
+
+fn ping_ok(world: &World, from: usize, to: usize) {
+    wait_until(
+        &format!("pod {from} reaches pod {to}"),
+        Duration::from_secs(5),
+        || world.pods[from].ns.ping_once(&pod_ip(to).to_string(), 300),
+    )
+    .unwrap();
+}
+
+#[test]
+fn never_mode_installs_workload_blackhole_and_direct_routes_and_pods_ping() {
+    require_root();
+    let world = World::new(TopologySpec::new().segment(["a1", "a2"]).build().unwrap());
+    let dps: Vec<_> = (0..2)
+        .map(|i| {
+            let dp = start(world.node(i), Config::default());
+            dp.set_desired(world.inputs(i, NEVER, false)).unwrap();
+            dp.mark_complete();
+            dp
+        })
+        .collect();
+    for i in 0..2 {
+        wait_for_mode(&world, i, NEVER).unwrap();
+    }
+    ping_ok(&world, 0, 1);
+    ping_ok(&world, 1, 0);
+    let c = dps[0].counters();
+    assert_eq!(c.routes_by_kind[&RouteKind::Workload], 1, "{c:?}");
+    assert_eq!(c.routes_by_kind[&RouteKind::Blackhole], 1, "{c:?}");
+    assert_eq!(c.routes_by_kind[&RouteKind::Direct], 1, "{c:?}");
+    assert!(c.failures_by_errno.is_empty(), "{c:?}");
+    assert!(
+        !link_exists(&world.node(0).ns, "vxlan.calico"),
+        "Never needs no tunnel device"
+    );
+}
+
+#[test]
+fn ipv6_blocks_get_blackholes_and_direct_routes() {
+    require_root();
+    let world = World::new(TopologySpec::new().segment(["a1", "a2"]).build().unwrap());
+    let dp = start(world.node(0), Config::default());
+    dp.set_desired(world.inputs(0, NEVER, true)).unwrap();
+    let want = [
+        format!("blackhole {}", block6(0)),
+        format!("{} via {} dev eth0", block6(1), world.node(1).addr6),
+    ]
+    .into_iter()
+    .collect();
+    wait_exact("IPv6 routes", Duration::from_secs(5), &want, || {
+        routes(&world.node(0).ns, true)
+    })
+    .unwrap();
+}
+
+#[test]
+fn vxlan_always_builds_device_neighbours_fdb_and_onlink_routes() {
+    require_root();
+    let world = World::new(
+        TopologySpec::new()
+            .segment(["a1", "a2"])
+            .segment(["b1"])
+            .router()
+            .build()
+            .unwrap(),
+    );
+    let dps: Vec<_> = (0..3)
+        .map(|i| {
+            let dp = start(world.node(i), Config::default());
+            dp.set_desired(world.inputs(i, VXLAN_ALWAYS, true)).unwrap();
+            dp.mark_complete();
+            dp
+        })
+        .collect();
+    for i in 0..3 {
+        wait_for_mode(&world, i, VXLAN_ALWAYS).unwrap();
+    }
+    let ns = &world.node(0).ns;
+    let link: serde_json::Value = serde_json::from_str(
+        &ns.run(&["ip", "-d", "-j", "link", "show", "vxlan.calico"])
+            .unwrap(),
+    )
+    .unwrap();
+    let link = &link[0];
+    let data = &link["linkinfo"]["info_data"];
+    assert_eq!(link["mtu"], 1450, "{link}");
+    assert_eq!(data["id"], 4096, "{link}");
+    assert_eq!(data["port"], 4789, "{link}");
+    assert_eq!(data["local"], world.node(0).addr.to_string(), "{link}");
+    assert_eq!(data["learning"], false, "{link}");
+    assert_eq!(
+        link["address"],
+        mac_string(&vtep_mac_for("a1", false)),
+        "{link}"
+    );
+    assert!(
+        link["flags"].as_array().unwrap().iter().any(|f| f == "UP"),
+        "{link}"
+    );
+    let addrs = ns
+        .run(&["ip", "-4", "addr", "show", "dev", "vxlan.calico"])
+        .unwrap();
+    assert!(
+        addrs.contains(&format!("{}/32", tunnel_ip(0))),
+        "tunnel address missing: {addrs}"
+    );
+
+    // IPv6: its own device, routes via the peers' IPv6 VTEPs.
+    let v6 = serde_json::from_str::<serde_json::Value>(
+        &ns.run(&["ip", "-d", "-j", "link", "show", "vxlan-v6.calico"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(v6[0]["mtu"], 1430, "{v6}");
+    assert_eq!(
+        v6[0]["linkinfo"]["info_data"]["local6"],
+        world.node(0).addr6.to_string(),
+        "{v6}"
+    );
+    let want6 = [
+        format!("blackhole {}", block6(0)),
+        format!(
+            "{} via {} dev vxlan-v6.calico onlink",
+            block6(1),
+            tunnel_ip6(1)
+        ),
+        format!(
+            "{} via {} dev vxlan-v6.calico onlink",
+            block6(2),
+            tunnel_ip6(2)
+        ),
+    ]
+    .into_iter()
+    .collect();
+    wait_exact("IPv6 VXLAN routes", Duration::from_secs(5), &want6, || {
+        routes(ns, true)
+    })
+    .unwrap();
+
+    ping_ok(&world, 0, 1);
+    ping_ok(&world, 0, 2);
+    ping_ok(&world, 2, 1);
+    let c = dps[0].counters();
+    assert_eq!(c.routes_by_kind[&RouteKind::Vxlan], 4, "{c:?}");
+    assert!(c.failures_by_errno.is_empty(), "{c:?}");
+}
+
+#[test]
+fn vxlan_crosssubnet_keeps_same_segment_peer_direct_and_tunnels_across() {
+    require_root();
+    let world = World::new(
+        TopologySpec::new()
+            .segment(["a1", "a2"])
+            .segment(["b1"])
+            .router()
+            .build()
+            .unwrap(),
+    );
+    let _dps: Vec<_> = (0..3)
+        .map(|i| {
+            let dp = start(world.node(i), Config::default());
+            dp.set_desired(world.inputs(i, VXLAN_CROSS, false)).unwrap();
+            dp.mark_complete();
+            dp
+        })
+        .collect();
+    for i in 0..3 {
+        wait_for_mode(&world, i, VXLAN_CROSS).unwrap();
+    }
+    let a1 = world.node(0);
+    assert!(
+        routes(&a1.ns, false).unwrap().contains(&format!(
+            "{} via {} dev eth0",
+            block(1),
+            world.node(1).addr
+        )),
+        "same-segment peer must stay direct"
+    );
+    ping_ok(&world, 0, 1);
+    ping_ok(&world, 0, 2);
+    ping_ok(&world, 1, 2);
+}
+
+#[test]
+fn ipip_modes_route_through_tunl0() {
+    require_root();
+    let world = World::new(
+        TopologySpec::new()
+            .segment(["a1", "a2"])
+            .segment(["b1"])
+            .router()
+            .build()
+            .unwrap(),
+    );
+    if !has_ipip(&world.node(0).ns) {
+        eprintln!("{SKIP_NO_IPIP}");
+        return;
+    }
+    let dps: Vec<_> = (0..3)
+        .map(|i| start(world.node(i), Config::default()))
+        .collect();
+    for mode in [IPIP_ALWAYS, IPIP_CROSS] {
+        for (i, dp) in dps.iter().enumerate() {
+            dp.set_desired(world.inputs(i, mode, false)).unwrap();
+            dp.mark_complete();
+        }
+        for i in 0..3 {
+            wait_for_mode(&world, i, mode).unwrap();
+        }
+        let ns = &world.node(0).ns;
+        let link: serde_json::Value =
+            serde_json::from_str(&ns.run(&["ip", "-j", "link", "show", "tunl0"]).unwrap()).unwrap();
+        assert_eq!(link[0]["mtu"], 1480, "{link}");
+        assert!(
+            link[0]["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "UP"),
+            "{link}"
+        );
+        let addrs = ns
+            .run(&["ip", "-4", "addr", "show", "dev", "tunl0"])
+            .unwrap();
+        assert!(addrs.contains(&format!("{}/32", tunnel_ip(0))), "{addrs}");
+        ping_ok(&world, 0, 1);
+        ping_ok(&world, 0, 2);
+    }
+}
