@@ -44,3 +44,7 @@ clean-netns:
 		for pid in $$(ip netns pids $$ns); do kill -9 $$pid 2>/dev/null || true; done; \
 		ip netns del $$ns && echo "removed netns $$ns"; \
 	done; true
+
+## IPIP kernel tests inside a QEMU guest on Debian's stock kernel (this host has no ipip module).
+test-kernel:
+	e2e/qemu/test-kernel.sh
