@@ -63,6 +63,11 @@ impl Drop for WorkDir {
 pub struct Owned(Child);
 
 impl Owned {
+    /// Takes ownership of a child started elsewhere, so it is killed and reaped on drop.
+    pub fn new(child: Child) -> Owned {
+        Owned(child)
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.id()
     }

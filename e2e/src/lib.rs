@@ -3,6 +3,7 @@
 //! Every test builds its own world from these pieces, waits on conditions with deadlines
 //! ([`wait::wait_for`]) and removes what it made when the pieces drop. See `e2e/README.md`.
 
+pub mod cluster;
 pub mod daemons;
 pub mod netns;
 pub mod topology;
