@@ -86,3 +86,113 @@ fn vxlan_always_routes_tunnel_addresses_across_segments() {
         "a1 owns a block and must blackhole it: {routes:?}"
     );
 }
+
+/// The route a node has to another node's block: "vxlan" or "direct", by its device.
+fn path_to(c: &TestCluster, from: &str, dst: &str) -> anyhow::Result<&'static str> {
+    let r = c.topo.node(from).ns.run(&["ip", "route", "get", dst])?;
+    Ok(if r.contains("dev vxlan.calico") {
+        "vxlan"
+    } else if r.contains("dev eth0") {
+        "direct"
+    } else {
+        "other"
+    })
+}
+
+#[test]
+fn kubectl_patch_to_crosssubnet_reroutes_every_node_live() {
+    require_root();
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
+        pool_yaml: Some(pool("Always", "Never")),
+        agent_env: Default::default(),
+    };
+    let Some(c) = TestCluster::start(
+        "kubectl_patch_to_crosssubnet_reroutes_every_node_live",
+        spec,
+    )
+    .unwrap() else {
+        return;
+    };
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let tunnel = |n: &str| {
+        wait_for(
+            &format!("{n}'s tunnel address"),
+            Duration::from_secs(30),
+            || annotation(&c, n, "projectcalico.org/IPv4VXLANTunnelAddr"),
+        )
+        .unwrap()
+    };
+    let (a2_tun, b1_tun) = (tunnel("a2"), tunnel("b1"));
+    wait_for(
+        "a1 routes to a2 over VXLAN",
+        Duration::from_secs(20),
+        || Ok((path_to(&c, "a1", &a2_tun)? == "vxlan").then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    let start = std::time::Instant::now();
+    c.kubectl(&[
+        "patch",
+        "ippool",
+        "default-ipv4-ippool",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"vxlanMode":"CrossSubnet"}}"#,
+    ])
+    .unwrap();
+    wait_for(
+        "a1 → a2 direct (same segment) and a1 → b1 still VXLAN",
+        Duration::from_secs(10),
+        || {
+            Ok(
+                (path_to(&c, "a1", &a2_tun)? == "direct" && path_to(&c, "a1", &b1_tun)? == "vxlan")
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let converged = start.elapsed();
+    eprintln!("FIGURE vxlan Always→CrossSubnet converged on a1 in {converged:?}");
+    assert!(
+        converged < Duration::from_secs(1),
+        "live switch took {converged:?}, the goal is under 1 s"
+    );
+    wait_for(
+        "b1 keeps VXLAN to a2 (other segment)",
+        Duration::from_secs(5),
+        || Ok((path_to(&c, "b1", &a2_tun)? == "vxlan").then_some(())),
+    )
+    .unwrap();
+    for (from, to) in [("a1", &a2_tun), ("a1", &b1_tun), ("b1", &a2_tun)] {
+        assert!(
+            wait_for(
+                &format!("{from} pings {to}"),
+                Duration::from_secs(5),
+                || Ok(c.topo.node(from).ns.ping_once(to, 300).then_some(()))
+            )
+            .is_ok(),
+            "{from} lost {to} after the switch"
+        );
+    }
+    // Back to Never: no tunnel at all; remote same-segment blocks direct, and the VXLAN device goes away.
+    c.kubectl(&[
+        "patch",
+        "ippool",
+        "default-ipv4-ippool",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"vxlanMode":"Never"}}"#,
+    ])
+    .unwrap();
+    wait_for(
+        "vxlan.calico removed on a1 once no pool needs it",
+        Duration::from_secs(10),
+        || {
+            let links = c.topo.node("a1").ns.run(&["ip", "-o", "link"])?;
+            Ok((!links.contains("vxlan.calico")).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+}
