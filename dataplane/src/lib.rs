@@ -19,6 +19,7 @@ pub mod model;
 pub mod monitor;
 pub mod reconciler;
 pub mod socket;
+pub mod workload_iface;
 
 pub use dataplane::{Dataplane, DataplaneError};
 pub use desired::desired;
