@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::block::{ip_to_ordinal, new_block, ordinal_to_ip};
 use crate::model::{
@@ -137,6 +137,9 @@ pub enum IpamError {
         /// Attempts made.
         attempts: u32,
     },
+    /// The request itself is unusable (e.g. no handle or node).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// A stored object is unusable.
     #[error("{kind} {name}: {reason}")]
     InvalidObject {
@@ -371,12 +374,13 @@ impl<S: Store> Ipam<S> {
         }
     }
 
-    /// Every pool, validated; invalid ones are logged here and returned for reporting.
+    /// Every pool, validated; invalid ones are returned for the caller to report.
     pub async fn pools(&self) -> Result<PoolSet, IpamError> {
         let pools = self.store.list::<IpPool>().await?;
         let set = validate_pools(&pools);
+        // Reported once per change by the caller (it has the pool watch); here only traced.
         for e in &set.invalid {
-            warn!(pool = %e.pool, field = e.field, "ignoring IPPool: {}", e.reason);
+            debug!(pool = %e.pool, field = e.field, "ignoring IPPool: {}", e.reason);
         }
         Ok(set)
     }
@@ -385,6 +389,17 @@ impl<S: Store> Ipam<S> {
     /// claimed blocks, then (unless strict affinity) borrowed from other blocks. All-or-nothing: on
     /// shortfall every address assigned by this call is released again.
     pub async fn auto_assign(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
+        if req.handle_id.is_empty() || req.node.is_empty() {
+            return Err(IpamError::InvalidRequest(format!(
+                "auto-assign needs a handle and a node (handle {:?}, node {:?})",
+                req.handle_id, req.node
+            )));
+        }
+        let span = debug_span!("auto_assign", node = %req.node, handle = %req.handle_id);
+        self.auto_assign_inner(req).instrument(span).await
+    }
+
+    async fn auto_assign_inner(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
         let settings = self.settings().await?;
         let pools = self.pools().await?;
         let mut out = Assigned::default();
@@ -912,6 +927,13 @@ impl<S: Store> Ipam<S> {
     /// Releases every address of a handle and deletes the handle; returns what was released.
     /// A missing handle releases nothing (CNI DEL is idempotent).
     pub async fn release_by_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let span = debug_span!("release_by_handle", handle = %handle_id);
+        self.release_by_handle_inner(handle_id)
+            .instrument(span)
+            .await
+    }
+
+    async fn release_by_handle_inner(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
         let name = handle_name(handle_id);
         let mut released = Vec::new();
         for attempt in 0..self.retry.max_attempts {
@@ -1194,6 +1216,11 @@ impl<S: Store> Ipam<S> {
     /// Releases everything of a deleted node: its tunnel addresses, every allocation made for it
     /// (attribute `node`), and its block affinities (empty blocks deleted, others un-affined).
     pub async fn release_node(&self, node: &str) -> Result<NodeReleaseReport, IpamError> {
+        let span = tracing::info_span!("release_node", node);
+        self.release_node_inner(node).instrument(span).await
+    }
+
+    async fn release_node_inner(&self, node: &str) -> Result<NodeReleaseReport, IpamError> {
         let mut report = NodeReleaseReport::default();
         for kind in [TunnelKind::Ipip, TunnelKind::Vxlan] {
             report
