@@ -2,4 +2,5 @@
 
 pub mod fsm;
 pub mod rib;
+pub mod speaker;
 pub mod wire;

@@ -1,0 +1,783 @@
+//! One task per peer: owns the TCP connection(s) and the FSM, moves bytes and time.
+
+use super::rib_task::{PeerOut, RibCmd};
+use super::{PeerConfig, PeerShared, SpeakerConfig, socket};
+use crate::fsm::{
+    Action, DownReason, Event, Fsm, FsmConfig, Negotiated, State, Timer, keep_locally_initiated,
+};
+use crate::rib::{OutChange, PeerSession, RouteAttrs};
+use crate::wire::{
+    Afi, Capability, DecodeContext, DecodeError, GracefulRestart, GracefulRestartFamily, Message,
+    SAFI_UNICAST, Update, code, frame_length,
+};
+use bytes::BytesMut;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Commands from the speaker handle.
+pub(crate) enum PeerCmd {
+    /// The listener accepted a connection from this peer's address.
+    Incoming(TcpStream),
+    /// The peer was removed: send Cease and end the task.
+    Remove,
+}
+
+pub(crate) struct SessionParams {
+    pub peer: PeerConfig,
+    pub speaker: SpeakerConfig,
+    pub shared: Arc<PeerShared>,
+    pub rib: mpsc::UnboundedSender<RibCmd>,
+    pub commands: mpsc::UnboundedReceiver<PeerCmd>,
+    pub routes: mpsc::UnboundedReceiver<PeerOut>,
+}
+
+/// Reads larger than this are split so one busy peer cannot grow its buffer without bound.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long a second (colliding) connection may take to send its OPEN.
+const COLLISION_OPEN_WAIT: Duration = Duration::from_secs(30);
+
+struct Conn {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    buf: BytesMut,
+    local: SocketAddr,
+    locally_initiated: bool,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, locally_initiated: bool) -> std::io::Result<Conn> {
+        let local = stream.local_addr()?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        Ok(Conn {
+            reader,
+            writer,
+            buf: BytesMut::with_capacity(8192),
+            local,
+            locally_initiated,
+        })
+    }
+}
+
+/// A second connection during a collision (§6.8), with its own FSM.
+struct Secondary {
+    conn: Conn,
+    fsm: Fsm,
+    deadline: Instant,
+}
+
+struct Session {
+    peer: PeerConfig,
+    speaker: SpeakerConfig,
+    shared: Arc<PeerShared>,
+    rib: mpsc::UnboundedSender<RibCmd>,
+    fsm: Fsm,
+    primary: Option<Conn>,
+    secondary: Option<Secondary>,
+    timers: [Option<Instant>; 3],
+    idle_restart: Option<Instant>,
+    connect_attempt: u64,
+    connect_tx: mpsc::UnboundedSender<(u64, std::io::Result<TcpStream>)>,
+    generation: u64,
+    removed: bool,
+    /// Peer's graceful restart capability on the current session (for the helper role).
+    peer_gr: Option<GracefulRestart>,
+    ctx: DecodeContext,
+}
+
+enum Wake {
+    Command(Option<PeerCmd>),
+    Primary(std::io::Result<usize>),
+    Secondary(std::io::Result<usize>),
+    Routes(Option<PeerOut>),
+    Connected(Option<(u64, std::io::Result<TcpStream>)>),
+    Timer,
+}
+
+fn timer_index(timer: Timer) -> usize {
+    match timer {
+        Timer::ConnectRetry => 0,
+        Timer::Hold => 1,
+        Timer::Keepalive => 2,
+    }
+}
+
+const TIMERS: [Timer; 3] = [Timer::ConnectRetry, Timer::Hold, Timer::Keepalive];
+
+async fn read_some(conn: &mut Option<Conn>) -> std::io::Result<usize> {
+    match conn {
+        Some(c) => {
+            c.buf.reserve(READ_CHUNK.min(16 * 1024));
+            c.reader.read_buf(&mut c.buf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_secondary(sec: &mut Option<Secondary>) -> std::io::Result<usize> {
+    match sec {
+        Some(s) => {
+            s.conn.buf.reserve(4096);
+            s.conn.reader.read_buf(&mut s.conn.buf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn run(params: SessionParams) {
+    let span = info_span!("bgp_peer", peer = %params.peer.address);
+    run_inner(params).instrument(span).await
+}
+
+fn fsm_config(peer: &PeerConfig, speaker: &SpeakerConfig, passive: bool) -> FsmConfig {
+    let mut capabilities = vec![
+        Capability::MultiProtocol {
+            afi: Afi::Ipv4.code(),
+            safi: SAFI_UNICAST,
+        },
+        Capability::MultiProtocol {
+            afi: Afi::Ipv6.code(),
+            safi: SAFI_UNICAST,
+        },
+        Capability::RouteRefresh,
+    ];
+    if let Some(gr) = &speaker.graceful_restart {
+        capabilities.push(Capability::GracefulRestart(GracefulRestart {
+            restart_state: gr.restarting,
+            notification: false,
+            restart_time: gr.restart_time,
+            families: [Afi::Ipv4, Afi::Ipv6]
+                .iter()
+                .map(|afi| GracefulRestartFamily {
+                    afi: afi.code(),
+                    safi: SAFI_UNICAST,
+                    forwarding_preserved: gr.forwarding_preserved,
+                })
+                .collect(),
+        }));
+    }
+    FsmConfig {
+        local_as: speaker.local_as,
+        local_id: speaker.router_id,
+        remote_as: peer.remote_as,
+        hold_time: peer.hold_time,
+        connect_retry: speaker.connect_retry,
+        passive,
+        capabilities,
+    }
+}
+
+async fn run_inner(params: SessionParams) {
+    let SessionParams {
+        peer,
+        speaker,
+        shared,
+        rib,
+        mut commands,
+        mut routes,
+    } = params;
+    let (connect_tx, mut connect_rx) = mpsc::unbounded_channel();
+    let fsm = Fsm::new(fsm_config(&peer, &speaker, peer.passive));
+    let mut s = Session {
+        peer,
+        speaker,
+        shared,
+        rib,
+        fsm,
+        primary: None,
+        secondary: None,
+        timers: [None; 3],
+        idle_restart: None,
+        connect_attempt: 0,
+        connect_tx,
+        generation: 0,
+        removed: false,
+        peer_gr: None,
+        ctx: DecodeContext::default(),
+    };
+    let start = if s.peer.passive {
+        Event::ManualStart_with_PassiveTcpEstablishment
+    } else {
+        Event::ManualStart
+    };
+    s.feed(start).await;
+    while !s.removed {
+        let deadline = s.next_deadline();
+        let wake = tokio::select! {
+            cmd = commands.recv() => Wake::Command(cmd),
+            r = read_some(&mut s.primary) => Wake::Primary(r),
+            r = read_secondary(&mut s.secondary) => Wake::Secondary(r),
+            out = routes.recv() => Wake::Routes(out),
+            c = connect_rx.recv() => Wake::Connected(c),
+            () = sleep_until_opt(deadline) => Wake::Timer,
+        };
+        match wake {
+            Wake::Command(None) | Wake::Command(Some(PeerCmd::Remove)) => {
+                s.removed = true;
+                s.feed(Event::ManualStop).await;
+                if let Some(sec) = s.secondary.take() {
+                    drop(sec);
+                }
+            }
+            Wake::Command(Some(PeerCmd::Incoming(stream))) => s.incoming(stream).await,
+            Wake::Primary(r) => s.on_primary_read(r).await,
+            Wake::Secondary(r) => s.on_secondary_read(r).await,
+            Wake::Routes(Some(out)) => s.send_routes(out).await,
+            Wake::Routes(None) => s.removed = true,
+            Wake::Connected(Some((attempt, result))) => s.connected(attempt, result).await,
+            Wake::Connected(None) => {}
+            Wake::Timer => s.fire_timers().await,
+        }
+    }
+    s.shared.set_state(State::Idle);
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.idle_restart)
+            .chain(self.secondary.as_ref().map(|s| s.deadline))
+            .min()
+    }
+
+    async fn fire_timers(&mut self) {
+        let now = Instant::now();
+        if let Some(sec) = &self.secondary
+            && sec.deadline <= now
+        {
+            debug!("colliding connection sent no OPEN in time; dropping it");
+            self.secondary = None;
+        }
+        if self.idle_restart.is_some_and(|t| t <= now) {
+            self.idle_restart = None;
+            let event = if self.peer.passive {
+                Event::AutomaticStart_with_PassiveTcpEstablishment
+            } else {
+                Event::AutomaticStart
+            };
+            self.feed(event).await;
+        }
+        for timer in TIMERS {
+            let i = timer_index(timer);
+            if self.timers[i].is_some_and(|t| t <= now) {
+                self.timers[i] = None;
+                let event = match timer {
+                    Timer::ConnectRetry => Event::ConnectRetryTimer_Expires,
+                    Timer::Hold => Event::HoldTimer_Expires,
+                    Timer::Keepalive => Event::KeepaliveTimer_Expires,
+                };
+                if timer == Timer::Hold {
+                    self.shared.set_error("hold timer expired".into());
+                }
+                self.feed(event).await;
+            }
+        }
+    }
+
+    /// Feed the primary FSM and carry out its actions.
+    async fn feed(&mut self, event: Event) {
+        let actions = self.fsm.on_event(event);
+        for action in actions {
+            self.perform(action).await;
+        }
+        self.shared.set_state(self.fsm.state());
+        if self.fsm.state() == State::Idle && !self.removed && self.idle_restart.is_none() {
+            self.idle_restart = Some(Instant::now() + self.speaker.connect_retry);
+        }
+    }
+
+    async fn perform(&mut self, action: Action) {
+        match action {
+            Action::Connect => self.start_connect(),
+            Action::Disconnect => {
+                self.connect_attempt += 1;
+                if let Some(mut conn) = self.primary.take() {
+                    let _ = conn.writer.shutdown().await;
+                }
+            }
+            Action::Send(message) => {
+                if let Message::Notification(n) = &message {
+                    warn!(%n, "bgp sending NOTIFICATION");
+                    self.shared.set_error(format!("sent {n}"));
+                }
+                let mut buf = BytesMut::with_capacity(64);
+                message.encode(&mut buf, &self.ctx);
+                if let Some(conn) = self.primary.as_mut() {
+                    match conn.writer.write_all(&buf).await {
+                        Ok(()) => self.shared.count_out(1),
+                        Err(e) => debug!(error = %e, "bgp write failed"),
+                    }
+                }
+            }
+            Action::StartTimer(timer, after) => {
+                self.timers[timer_index(timer)] = Some(Instant::now() + after);
+            }
+            Action::StopTimer(timer) => self.timers[timer_index(timer)] = None,
+            Action::SessionUp(negotiated) => self.session_up(negotiated),
+            Action::SessionDown(reason) => self.session_down(reason),
+        }
+    }
+
+    fn start_connect(&mut self) {
+        self.connect_attempt += 1;
+        let attempt = self.connect_attempt;
+        let params = socket::ConnectParams {
+            remote: SocketAddr::new(self.peer.address, self.peer.port),
+            source: self.peer.source_address,
+            md5_key: self
+                .peer
+                .md5_password
+                .as_ref()
+                .map(|p| p.as_bytes().to_vec()),
+            ttl: self.peer.ttl,
+            timeout: self.speaker.connect_retry,
+        };
+        let tx = self.connect_tx.clone();
+        tokio::spawn(async move {
+            let result = socket::connect(params).await;
+            let _ = tx.send((attempt, result));
+        });
+    }
+
+    async fn connected(&mut self, attempt: u64, result: std::io::Result<TcpStream>) {
+        if attempt != self.connect_attempt || self.fsm.state() != State::Connect {
+            return;
+        }
+        match result.and_then(|stream| Conn::new(stream, true)) {
+            Ok(conn) => {
+                self.ctx = DecodeContext::default();
+                self.primary = Some(conn);
+                self.feed(Event::Tcp_CR_Acked).await;
+            }
+            Err(e) => {
+                debug!(error = %e, "bgp connect failed");
+                self.shared.set_error(format!("connect: {e}"));
+                self.feed(Event::TcpConnectionFails).await;
+            }
+        }
+    }
+
+    async fn incoming(&mut self, stream: TcpStream) {
+        if let Some(ttl) = self.peer.ttl
+            && let Err(e) = stream.set_ttl(ttl.into())
+        {
+            debug!(error = %e, "setting TTL on accepted connection");
+        }
+        let conn = match Conn::new(stream, false) {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "accepted connection unusable");
+                return;
+            }
+        };
+        match self.fsm.state() {
+            State::Idle | State::Connect | State::Active => {
+                if self.removed {
+                    return;
+                }
+                if self.fsm.state() == State::Idle {
+                    self.idle_restart = None;
+                    self.feed(Event::AutomaticStart_with_PassiveTcpEstablishment)
+                        .await;
+                }
+                // An outgoing attempt still in flight loses to the connection we already have.
+                self.connect_attempt += 1;
+                self.ctx = DecodeContext::default();
+                self.primary = Some(conn);
+                self.feed(Event::TcpConnectionConfirmed).await;
+            }
+            State::OpenSent | State::OpenConfirm => {
+                if self.secondary.is_some() {
+                    return;
+                }
+                let mut fsm = Fsm::new(fsm_config(&self.peer, &self.speaker, true));
+                fsm.on_event(Event::ManualStart_with_PassiveTcpEstablishment);
+                let mut sec = Secondary {
+                    conn,
+                    fsm,
+                    deadline: Instant::now() + COLLISION_OPEN_WAIT,
+                };
+                let actions = sec.fsm.on_event(Event::TcpConnectionConfirmed);
+                if write_actions(&mut sec.conn, &actions).await.is_ok() {
+                    self.secondary = Some(sec);
+                }
+            }
+            State::Established => {
+                if self.peer_gr.is_some() && self.speaker.graceful_restart.is_some() {
+                    // RFC 4724 §4.2: a new connection from an established GR peer means it restarted.
+                    info!("bgp peer reconnected while established: treating as graceful restart");
+                    self.feed(Event::TcpConnectionFails).await;
+                    self.idle_restart = None;
+                    self.feed(Event::AutomaticStart_with_PassiveTcpEstablishment)
+                        .await;
+                    self.ctx = DecodeContext::default();
+                    self.primary = Some(conn);
+                    self.feed(Event::TcpConnectionConfirmed).await;
+                } else {
+                    debug!("bgp connection while established: closing the new one");
+                }
+            }
+        }
+    }
+
+    async fn on_primary_read(&mut self, result: std::io::Result<usize>) {
+        match result {
+            Ok(0) | Err(_) => {
+                if let Err(e) = &result {
+                    self.shared.set_error(format!("read: {e}"));
+                } else if self.fsm.state() == State::Established {
+                    self.shared.set_error("connection closed by peer".into());
+                }
+                self.feed(Event::TcpConnectionFails).await;
+            }
+            Ok(_) => loop {
+                let Some(conn) = self.primary.as_mut() else {
+                    return;
+                };
+                let message = match frame_length(&conn.buf) {
+                    Ok(None) => return,
+                    Ok(Some(len)) => {
+                        let mut frame = conn.buf.split_to(len).freeze();
+                        Message::decode(&mut frame, &self.ctx)
+                    }
+                    Err(e) => Err(e),
+                };
+                self.shared.count_in();
+                match message {
+                    Ok(message) => self.on_message(message).await,
+                    Err(e) => {
+                        self.shared.set_error(format!("decode: {e}"));
+                        let event = error_event(e);
+                        self.feed(event).await;
+                        return;
+                    }
+                }
+            },
+        }
+    }
+
+    async fn on_message(&mut self, message: Message) {
+        match message {
+            Message::Open(open) => {
+                if self.secondary.is_some() && !self.resolve_collision_on_primary_open(&open).await
+                {
+                    return;
+                }
+                self.feed(Event::BGPOpen(open)).await;
+            }
+            Message::Keepalive => self.feed(Event::KeepAliveMsg).await,
+            Message::Notification(n) => {
+                warn!(%n, "bgp received NOTIFICATION");
+                self.shared.set_error(format!("received {n}"));
+                let event = if n.code == code::OPEN_MESSAGE && n.subcode == 1 {
+                    Event::NotifMsgVerErr(n)
+                } else {
+                    Event::NotifMsg(n)
+                };
+                self.feed(event).await;
+            }
+            Message::Update(update) => {
+                self.feed(Event::UpdateMsg).await;
+                if self.fsm.state() != State::Established {
+                    return;
+                }
+                if let Some(e) = &update.outcome.treat_as_withdraw {
+                    warn!(error = %e, "bgp UPDATE malformed: treat-as-withdraw (RFC 7606)");
+                    self.shared.set_error(format!("treat-as-withdraw: {e}"));
+                }
+                for e in &update.outcome.discarded {
+                    debug!(error = %e, "bgp attribute discarded (RFC 7606)");
+                }
+                let _ = self.rib.send(RibCmd::Update {
+                    address: self.peer.address,
+                    update,
+                });
+            }
+            Message::RouteRefresh(rr) => {
+                self.feed(Event::RouteRefreshMsg).await;
+                if self.fsm.state() != State::Established || rr.safi != SAFI_UNICAST {
+                    return;
+                }
+                if let Some(afi) = Afi::from_code(rr.afi) {
+                    let _ = self.rib.send(RibCmd::RouteRefresh {
+                        address: self.peer.address,
+                        afi,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The primary connection got an OPEN while a colliding connection exists: §6.8.
+    /// Returns false if the primary lost and the secondary took its place.
+    async fn resolve_collision_on_primary_open(&mut self, open: &crate::wire::Open) -> bool {
+        let primary_local = self.primary.as_ref().is_some_and(|c| c.locally_initiated);
+        let keep_local = keep_locally_initiated(self.speaker.router_id, open.bgp_id);
+        if keep_local == primary_local {
+            debug!("bgp collision: keeping the existing connection");
+            if let Some(mut sec) = self.secondary.take() {
+                let actions = sec.fsm.on_event(Event::OpenCollisionDump);
+                let _ = write_actions(&mut sec.conn, &actions).await;
+            }
+            true
+        } else {
+            debug!("bgp collision: switching to the peer's connection");
+            self.promote_secondary().await;
+            false
+        }
+    }
+
+    /// Replace the primary connection and FSM by the secondary ones (the old primary, if it
+    /// got past Active, is closed with Cease 7).
+    async fn promote_secondary(&mut self) {
+        let Some(sec) = self.secondary.take() else {
+            return;
+        };
+        if matches!(
+            self.fsm.state(),
+            State::OpenSent | State::OpenConfirm | State::Established
+        ) {
+            self.feed(Event::OpenCollisionDump).await;
+        } else if let Some(mut old) = self.primary.take() {
+            let _ = old.writer.shutdown().await;
+        }
+        self.connect_attempt += 1;
+        self.idle_restart = None;
+        self.fsm = sec.fsm;
+        self.timers = [None, Some(sec.deadline), None];
+        self.ctx = DecodeContext::default();
+        self.primary = Some(sec.conn);
+        self.shared.set_state(self.fsm.state());
+    }
+
+    async fn on_secondary_read(&mut self, result: std::io::Result<usize>) {
+        let Some(sec) = self.secondary.as_mut() else {
+            return;
+        };
+        let mut frame = match result {
+            Ok(0) | Err(_) => {
+                self.secondary = None;
+                return;
+            }
+            Ok(_) => match frame_length(&sec.conn.buf) {
+                Ok(None) => return,
+                Ok(Some(len)) => sec.conn.buf.split_to(len).freeze(),
+                Err(_) => {
+                    self.secondary = None;
+                    return;
+                }
+            },
+        };
+        let open = match Message::decode(&mut frame, &DecodeContext::default()) {
+            Ok(Message::Open(open)) => open,
+            _ => {
+                self.secondary = None;
+                return;
+            }
+        };
+        self.shared.count_in();
+        let primary_wins = match self.fsm.state() {
+            State::Idle | State::Connect | State::Active => false,
+            State::Established => true,
+            State::OpenSent | State::OpenConfirm => {
+                let primary_local = self.primary.as_ref().is_some_and(|c| c.locally_initiated);
+                keep_locally_initiated(self.speaker.router_id, open.bgp_id) == primary_local
+            }
+        };
+        if primary_wins {
+            debug!("bgp collision: keeping the existing connection");
+            if let Some(mut sec) = self.secondary.take() {
+                let actions = sec.fsm.on_event(Event::OpenCollisionDump);
+                let _ = write_actions(&mut sec.conn, &actions).await;
+            }
+            return;
+        }
+        debug!("bgp collision: switching to the peer's connection");
+        self.promote_secondary().await;
+        self.feed(Event::BGPOpen(open)).await;
+        if self.primary.as_ref().is_some_and(|c| !c.buf.is_empty()) {
+            self.on_primary_read(Ok(1)).await;
+        }
+    }
+
+    fn session_up(&mut self, negotiated: Negotiated) {
+        self.generation += 1;
+        self.ctx = negotiated.ctx;
+        self.peer_gr = negotiated.peer_graceful_restart.clone();
+        let local_ip = self.primary.as_ref().map(|c| c.local.ip());
+        let (v4, v6) = match local_ip {
+            Some(IpAddr::V4(v4)) => (Some(v4), None),
+            Some(IpAddr::V6(v6)) => (v6.to_ipv4_mapped(), Some(v6)),
+            None => (None, None),
+        };
+        info!(
+            remote_id = %negotiated.remote_id,
+            hold_time = negotiated.hold_time,
+            families = ?negotiated.families(),
+            "bgp session established"
+        );
+        let preserved = negotiated.peer_graceful_restart.as_ref().map(|gr| {
+            gr.families
+                .iter()
+                .filter(|f| f.forwarding_preserved && f.safi == SAFI_UNICAST)
+                .filter_map(|f| Afi::from_code(f.afi))
+                .collect()
+        });
+        let _ = self.rib.send(RibCmd::PeerUp {
+            address: self.peer.address,
+            generation: self.generation,
+            session: PeerSession {
+                remote_id: negotiated.remote_id,
+                families: negotiated.families(),
+                next_hop_v4: self.peer.next_hop_v4.or(v4),
+                next_hop_v6: self.peer.next_hop_v6.or(v6),
+            },
+            preserved,
+        });
+    }
+
+    fn session_down(&mut self, reason: DownReason) {
+        info!(?reason, "bgp session down");
+        let keep_stale: Vec<Afi> = match (&self.peer_gr, &self.speaker.graceful_restart) {
+            (Some(gr), Some(_)) if reason.is_graceful_candidate() && gr.restart_time > 0 => gr
+                .families
+                .iter()
+                .filter(|f| f.safi == SAFI_UNICAST)
+                .filter_map(|f| Afi::from_code(f.afi))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let restart_time =
+            Duration::from_secs(self.peer_gr.as_ref().map_or(0, |gr| gr.restart_time.into()));
+        self.generation += 1;
+        let _ = self.rib.send(RibCmd::PeerDown {
+            address: self.peer.address,
+            keep_stale,
+            restart_time,
+        });
+    }
+
+    async fn send_routes(&mut self, out: PeerOut) {
+        if out.generation != self.generation || self.fsm.state() != State::Established {
+            return;
+        }
+        let updates = build_updates(&out.changes, &self.ctx);
+        if updates.is_empty() {
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(4096);
+        for update in &updates {
+            Message::Update(Box::new(update.clone())).encode(&mut buf, &self.ctx);
+        }
+        if let Some(conn) = self.primary.as_mut() {
+            match conn.writer.write_all(&buf).await {
+                Ok(()) => self.shared.count_out(updates.len() as u64),
+                Err(e) => debug!(error = %e, "bgp write failed"),
+            }
+        }
+    }
+}
+
+/// Turn a decode error into the FSM event that carries it (by NOTIFICATION code).
+fn error_event(e: DecodeError) -> Event {
+    match e.notification_code().0 {
+        code::MESSAGE_HEADER => Event::BGPHeaderErr(e),
+        code::OPEN_MESSAGE => Event::BGPOpenMsgErr(e),
+        _ => Event::UpdateMsgErr(e),
+    }
+}
+
+async fn write_actions(conn: &mut Conn, actions: &[Action]) -> std::io::Result<()> {
+    for action in actions {
+        if let Action::Send(message) = action {
+            let mut buf = BytesMut::with_capacity(64);
+            message.encode(&mut buf, &DecodeContext::default());
+            conn.writer.write_all(&buf).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Pack outbound changes into UPDATEs: withdrawals first, announcements grouped by shared
+/// attributes, End-of-RIB markers after everything queued before them.
+pub(crate) fn build_updates(changes: &[OutChange], ctx: &DecodeContext) -> Vec<Update> {
+    let mut updates = Vec::new();
+    let mut withdrawn: Vec<IpNet> = Vec::new();
+    let mut groups: Vec<(Arc<RouteAttrs>, Vec<IpNet>)> = Vec::new();
+    let flush = |updates: &mut Vec<Update>,
+                 withdrawn: &mut Vec<IpNet>,
+                 groups: &mut Vec<(Arc<RouteAttrs>, Vec<IpNet>)>| {
+        updates.extend(Update::withdrawals(withdrawn));
+        withdrawn.clear();
+        for (attrs, prefixes) in groups.drain(..) {
+            updates.extend(Update::announcements(
+                &attrs.path,
+                attrs.next_hop,
+                &prefixes,
+                ctx,
+            ));
+        }
+    };
+    for change in changes {
+        match change {
+            OutChange::Withdraw(prefix) => {
+                // A later withdrawal cancels an earlier queued announcement of the same prefix.
+                for (_, prefixes) in groups.iter_mut() {
+                    prefixes.retain(|p| p != prefix);
+                }
+                withdrawn.push(*prefix);
+            }
+            OutChange::Announce(prefix, attrs) => {
+                withdrawn.retain(|p| p != prefix);
+                for (_, prefixes) in groups.iter_mut() {
+                    prefixes.retain(|p| p != prefix);
+                }
+                match groups.iter_mut().find(|(a, _)| {
+                    Arc::ptr_eq(a, attrs) && family_of(&a.next_hop) == family_of_prefix(prefix)
+                }) {
+                    Some((_, prefixes)) => prefixes.push(*prefix),
+                    None => groups.push((attrs.clone(), vec![*prefix])),
+                }
+            }
+            OutChange::EndOfRib(afi) => {
+                flush(&mut updates, &mut withdrawn, &mut groups);
+                updates.push(Update::end_of_rib(*afi));
+            }
+        }
+    }
+    groups.retain(|(_, p)| !p.is_empty());
+    flush(&mut updates, &mut withdrawn, &mut groups);
+    updates
+}
+
+fn family_of(next_hop: &crate::wire::NextHop) -> Afi {
+    match next_hop {
+        crate::wire::NextHop::V4(_) => Afi::Ipv4,
+        crate::wire::NextHop::V6 { .. } => Afi::Ipv6,
+    }
+}
+
+fn family_of_prefix(prefix: &IpNet) -> Afi {
+    match prefix {
+        IpNet::V4(_) => Afi::Ipv4,
+        IpNet::V6(_) => Afi::Ipv6,
+    }
+}
