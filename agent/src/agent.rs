@@ -483,6 +483,13 @@ impl Agent {
 
     async fn on_tick(&mut self, caches: &Caches) {
         self.maybe_complete(caches).await;
+        // Ready means: the desired state was complete once and the datastore is reachable now.
+        // An outage changes readiness only; the kernel keeps every route.
+        let ready = self.complete && crate::datastore::watch::datastore_healthy();
+        if *self.ready_tx.borrow() != ready {
+            info!(ready, "readiness changed");
+            let _ = self.ready_tx.send(ready);
+        }
         let text = crate::metrics::render(
             &self.view,
             &self.dataplane.counters(),

@@ -99,6 +99,9 @@ pub struct TestApiServer {
     etcd: Option<Child>,
     apiserver: Option<Child>,
     time_to_ready: Duration,
+    /// What the apiserver was started with, so [`TestApiServer::start_apiserver_again`] can
+    /// bring it back on the same port and etcd.
+    restart_with: Option<(ApiServerOptions, u16, u16)>,
 }
 
 impl std::fmt::Debug for TestApiServer {
@@ -161,6 +164,7 @@ impl TestApiServer {
             etcd: None,
             apiserver: None,
             time_to_ready: Duration::ZERO,
+            restart_with: None,
         };
         // From here on, Drop cleans up whatever was started if a step fails.
         let started = Instant::now();
@@ -179,6 +183,7 @@ impl TestApiServer {
         // starting it once etcd listens makes the whole start-up faster.
         server.wait_etcd_listening(etcd_client_port, options.ready_timeout)?;
         server.start_kube_apiserver(&options, etcd_client_port, port)?;
+        server.restart_with = Some((options.clone(), etcd_client_port, port));
         write_cert_kubeconfig(
             &server.admin_kubeconfig,
             &server.server_url,
@@ -549,6 +554,28 @@ impl TestApiServer {
             }
         }
         text
+    }
+
+    /// Stops kube-apiserver only (etcd keeps the data): clients see the API go away, as in an
+    /// outage of the control plane.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(child) = self.apiserver.take() {
+            stop_child(child);
+        }
+    }
+
+    /// Starts kube-apiserver again on the same address, port and etcd after
+    /// [`TestApiServer::stop_apiserver`], and waits for `/readyz`.
+    pub fn start_apiserver_again(&mut self) -> Result<()> {
+        let (options, etcd_port, port) = self
+            .restart_with
+            .clone()
+            .context("apiserver was never started")?;
+        if self.apiserver.is_some() {
+            bail!("apiserver is still running");
+        }
+        self.start_kube_apiserver(&options, etcd_port, port)?;
+        self.wait_ready(options.ready_timeout)
     }
 
     fn stop_children(&mut self) {

@@ -33,6 +33,13 @@ impl<K> Default for Snapshot<K> {
 /// Counts watch stream errors (and so restarts) across kinds, for metrics.
 pub static WATCH_RESTARTS: AtomicU64 = AtomicU64::new(0);
 
+/// Watches currently failing (API server unreachable, …); readiness is false while any is.
+pub static WATCHES_FAILING: AtomicU64 = AtomicU64::new(0);
+
+pub fn datastore_healthy() -> bool {
+    WATCHES_FAILING.load(Ordering::Relaxed) == 0
+}
+
 /// Starts watching `api`; the receiver always holds the latest complete view. While the API
 /// server is unreachable the last view stays (nothing is deleted) and the watcher retries with
 /// backoff.
@@ -45,9 +52,15 @@ where
         let mut current: BTreeMap<String, K> = BTreeMap::new();
         let mut relisting: Option<BTreeMap<String, K>> = None;
         let mut synced = false;
+        let mut failing = false;
         let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
+            if failing && ev.is_ok() {
+                failing = false;
+                WATCHES_FAILING.fetch_sub(1, Ordering::Relaxed);
+                info!(kind, "watch recovered");
+            }
             let changed = match ev {
                 Ok(Event::Apply(obj)) => {
                     current.insert(obj.meta().name.clone().unwrap_or_default(), obj);
@@ -79,6 +92,10 @@ where
                 }
                 Err(e) => {
                     WATCH_RESTARTS.fetch_add(1, Ordering::Relaxed);
+                    if !failing {
+                        failing = true;
+                        WATCHES_FAILING.fetch_add(1, Ordering::Relaxed);
+                    }
                     warn!(kind, error = %e, "watch failed; keeping the last view and retrying");
                     false
                 }
