@@ -632,6 +632,25 @@ impl<S: Store> Ipam<S> {
     ) -> Result<(), IpamError> {
         let name = handle_name(handle_id);
         let key = cidr.to_string();
+        let new_handle = || {
+            IpamHandle::new(
+                name.clone(),
+                IpamHandleSpec {
+                    handle_id: handle_id.to_string(),
+                    block: BTreeMap::from([(key.clone(), delta)]),
+                    deleted: None,
+                    extra: Default::default(),
+                },
+            )
+        };
+        if delta > 0 {
+            // A new pod's handle does not exist yet: try the create first and save a read.
+            match self.store.create(&new_handle()).await {
+                Ok(_) => return Ok(()),
+                Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         for attempt in 0..self.retry.max_attempts {
             let mut handle = match self.store.get::<IpamHandle>(&name).await {
                 Ok(h) if h.spec.deleted == Some(true) => {
@@ -649,16 +668,7 @@ impl<S: Store> Ipam<S> {
                     if delta <= 0 {
                         return Ok(());
                     }
-                    let handle = IpamHandle::new(
-                        name.clone(),
-                        IpamHandleSpec {
-                            handle_id: handle_id.to_string(),
-                            block: BTreeMap::from([(key.clone(), delta)]),
-                            deleted: None,
-                            extra: Default::default(),
-                        },
-                    );
-                    match self.store.create(&handle).await {
+                    match self.store.create(&new_handle()).await {
                         Ok(_) => return Ok(()),
                         Err(StoreError::AlreadyExists { .. }) => {
                             self.pause(attempt).await;
@@ -965,7 +975,8 @@ impl<S: Store> Ipam<S> {
         cidr: &IpNet,
         handle_id: &str,
     ) -> Result<Vec<IpAddr>, IpamError> {
-        self.release_in_block(cidr, |b| b.ordinals_for_handle(handle_id), false)
+        // The caller deletes the whole handle afterwards, so per-block count updates are skipped.
+        self.release_in_block(cidr, |b| b.ordinals_for_handle(handle_id), true)
             .await
     }
 

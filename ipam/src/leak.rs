@@ -7,7 +7,7 @@
 //! release re-reads the block and CASes only if the allocation is still the one observed (same
 //! handle, same allocation sequence number).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use crate::allocator::{Ipam, IpamError};
 use crate::block::{ip_to_ordinal, ordinal_to_ip};
-use crate::model::{IpamBlock, attr, block_name};
+use crate::model::{BlockAffinity, IpamBlock, attr, block_name};
 use crate::store::{Store, StoreError};
 
 /// Calico's default leak grace period.
@@ -48,6 +48,8 @@ pub struct LeakReport {
     pub released: Vec<IpAddr>,
     /// Handles released in this pass.
     pub released_handles: Vec<String>,
+    /// Nodes gone for the grace period whose blocks, affinities and addresses were released.
+    pub released_nodes: Vec<String>,
 }
 
 /// Finds and releases leaked allocations; keep one per cluster and call it periodically.
@@ -55,6 +57,7 @@ pub struct LeakReport {
 pub struct LeakCollector {
     grace: Duration,
     first_seen: HashMap<AllocationKey, SystemTime>,
+    node_first_seen: HashMap<String, SystemTime>,
 }
 
 impl Default for LeakCollector {
@@ -106,11 +109,15 @@ impl LeakCollector {
         Self {
             grace,
             first_seen: HashMap::new(),
+            node_first_seen: HashMap::new(),
         }
     }
 
     /// One pass: scan every block, track candidates, release handles whose allocations have all
-    /// been leaked for the grace period.
+    /// been leaked for the grace period; then release the IPAM of nodes gone for the grace period.
+    ///
+    /// `live` must come from synced informers: a pod missing from it counts as gone. As a guard
+    /// against an unsynced cache, nodes are only collected when `live.nodes` is not empty.
     pub async fn collect<S: Store>(
         &mut self,
         ipam: &Ipam<S>,
@@ -208,7 +215,49 @@ impl LeakCollector {
                 report.released_handles.push(handle_id.clone());
             }
         }
+        self.collect_nodes(ipam, &blocks, live, now, &mut report)
+            .await?;
         report.released.sort();
         Ok(report)
+    }
+
+    async fn collect_nodes<S: Store>(
+        &mut self,
+        ipam: &Ipam<S>,
+        blocks: &[IpamBlock],
+        live: &LiveState,
+        now: SystemTime,
+        report: &mut LeakReport,
+    ) -> Result<(), IpamError> {
+        if live.nodes.is_empty() {
+            self.node_first_seen.clear();
+            return Ok(());
+        }
+        let mut owners: BTreeSet<String> = ipam
+            .store()
+            .list::<BlockAffinity>()
+            .await?
+            .into_iter()
+            .map(|a| a.spec.node)
+            .collect();
+        owners.extend(
+            blocks
+                .iter()
+                .filter_map(|b| b.spec.affine_node().map(str::to_string)),
+        );
+        owners.retain(|n| !live.nodes.contains(n));
+        self.node_first_seen.retain(|n, _| owners.contains(n));
+        for node in owners {
+            let since = *self.node_first_seen.entry(node.clone()).or_insert(now);
+            if now.duration_since(since).unwrap_or_default() < self.grace {
+                continue;
+            }
+            let released = ipam.release_node(&node).await?;
+            info!(node = %node, addresses = released.released.len(), "released IPAM of deleted node");
+            report.released.extend(released.released);
+            report.released_nodes.push(node.clone());
+            self.node_first_seen.remove(&node);
+        }
+        Ok(())
     }
 }

@@ -5,18 +5,49 @@
 //! cluster's IPAM state. It knows nothing of Kubernetes: the agent implements [`Store`] over the
 //! API server (`resourceVersion` as the CAS revision); [`MemoryStore`] serves tests and benches.
 //!
-//! Public API:
+//! # Public API
 //! - Data model: [`IpPool`], [`IpamBlock`], [`BlockAffinity`], [`IpamHandle`], [`IpamConfig`] and
-//!   their specs; names via [`block_name`], [`affinity_name`], [`handle_name`]; handles via
-//!   [`pod_handle_id`], [`TunnelKind::handle_id`]; attributes via [`workload_attributes`].
-//! - Pools: [`validate_pools`] → [`PoolSet`] of [`Pool`]s (Calico defaults applied) and
-//!   [`PoolError`]s naming pool and field; [`Selector`] for `nodeSelector`.
-//! - Store: [`Store`] (async, CAS), [`StoreError`], [`MemoryStore`] with [`Faults`].
+//!   their specs (unknown fields kept, so a Calico object round-trips); names via [`block_name`],
+//!   [`affinity_name`], [`handle_name`]; handles via [`pod_handle_id`], [`TunnelKind::handle_id`];
+//!   attributes via [`workload_attributes`] and [`attr`].
+//! - Pools: [`validate_pools`] → [`PoolSet`] of [`Pool`]s (Calico's defaults applied) and
+//!   [`PoolError`]s naming pool and field; [`Selector`] parses and evaluates `nodeSelector`.
+//! - Store: [`Store`] (async, CAS, with a `backoff` hook), [`StoreError`], [`MemoryStore`] with
+//!   [`Faults`] (injected conflicts, forced task switches) and [`StoreStats`].
 //! - Allocator: [`Ipam`] — [`Ipam::auto_assign`], [`Ipam::assign_ip`], [`Ipam::release_by_handle`],
-//!   [`Ipam::release_ips`], [`Ipam::ips_by_handle`], [`Ipam::host_blocks`],
+//!   [`Ipam::release_ips`], [`Ipam::ips_by_handle`], [`Ipam::host_blocks`] (for BGP),
 //!   [`Ipam::release_node`], [`Ipam::ensure_tunnel_address`], [`Ipam::pools`], [`Ipam::settings`].
-//! - Leak collection: [`LeakCollector`] with [`LiveState`].
-//! - Block internals for checks: [`IpamBlockSpec::check_invariants`].
+//! - Leak collection: [`LeakCollector`] fed with [`LiveState`] and the current time.
+//! - Block checks: [`IpamBlockSpec::check_invariants`].
+//!
+//! # Design choices
+//! - **Async store, generic not `dyn`.** The agent is tokio + kube-rs, so [`Store`] methods return
+//!   `impl Future + Send` (an implementation writes plain `async fn`) and every [`Ipam`] future is
+//!   `Send`. Methods are generic over the object kind, which rules out `dyn Store`; `Ipam<S>` is
+//!   generic instead. The allocator owns no runtime: the only wait, between CAS retries, goes
+//!   through [`Store::backoff`].
+//! - **Where the pure core is.** The CAS loops interleave reads and writes, so the allocator is
+//!   async code over the store; the decisions inside them are pure and unit-tested without I/O
+//!   (block assign/release/invariants in `block`, pool validation, selector, candidate order).
+//!   Deterministic replay of concurrent runs comes from [`MemoryStore`] with
+//!   [`Faults::yield_before_each_op`] under a seeded scheduler (see the crate's tests).
+//! - **Callers serialize per host**, as calico-ipam does with its host-wide lock; different hosts
+//!   may run concurrently against one store.
+//!
+//! # Calico semantics kept
+//! Block layout and free-list order; shared attributes, compacted on release; `sequenceNumber`
+//! bumped per change with per-allocation sequence numbers; write order (handle before block on
+//! assign, block before handle on release); two-phase claim (pending → block → confirmed) with
+//! undo on a lost race; `maxBlocksPerHost` counted per address family (0 means
+//! [`DEFAULT_MAX_BLOCKS_PER_HOST`]); borrowing only when `strictAffinity` is false; objects that
+//! Calico marked `deleted` are treated as going away.
+//!
+//! # Choices where tortie differs or decides
+//! Pool overlap is resolved by name order (the first enabled pool wins, later ones are reported);
+//! a host's emptied block gives up its affinity unless it is the host's last one of its family;
+//! an auto-assignment is all-or-nothing; the deprecated `ipip`/`nat-outgoing` fields are honoured
+//! when the v3 fields are absent; the leak collector also releases the IPAM of nodes gone for the
+//! grace period.
 
 mod allocator;
 mod block;

@@ -167,6 +167,8 @@ pub struct StoreStats {
     pub conflicts: u64,
     /// Conflicts that were injected.
     pub injected_conflicts: u64,
+    /// Backoff pauses requested between CAS attempts.
+    pub backoffs: u64,
 }
 
 impl StoreStats {
@@ -188,6 +190,7 @@ struct MemoryState {
     faults: Faults,
     rng: u64,
     stats: StoreStats,
+    backoff_delays: Vec<Duration>,
 }
 
 impl MemoryState {
@@ -254,6 +257,11 @@ impl MemoryStore {
     /// Operation counters so far.
     pub fn stats(&self) -> StoreStats {
         self.lock().stats
+    }
+
+    /// The backoff delays requested so far (the memory store records them and does not wait).
+    pub fn backoff_delays(&self) -> Vec<Duration> {
+        self.lock().backoff_delays.clone()
     }
 
     /// Every stored object of a kind, synchronously (for invariant checks between steps).
@@ -427,5 +435,15 @@ impl Store for MemoryStore {
     async fn delete<K: Resource>(&self, name: &str, revision: &str) -> Result<(), StoreError> {
         self.yield_point().await;
         self.delete_now::<K>(name, revision)
+    }
+
+    fn backoff(&self, delay: Duration) -> impl Future<Output = ()> + Send {
+        let mut st = self.lock();
+        st.stats.backoffs += 1;
+        // Bounded record: enough for tests to look at the distribution.
+        if st.backoff_delays.len() < 10_000 {
+            st.backoff_delays.push(delay);
+        }
+        std::future::ready(())
     }
 }

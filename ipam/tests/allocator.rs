@@ -714,3 +714,63 @@ fn for_each_put(
         store.put(h);
     }
 }
+
+#[test]
+fn conflict_retries_back_off_with_bounded_jittered_delays() {
+    let store = std::sync::Arc::new(MemoryStore::new());
+    store.put(&pool("p", "10.0.0.0/24", 26));
+    let policy = RetryPolicy {
+        max_attempts: 16,
+        base_delay: std::time::Duration::from_millis(2),
+        max_delay: std::time::Duration::from_millis(50),
+    };
+    let ipam = Ipam::with_retry(store.clone(), policy);
+    store.set_faults(Faults {
+        conflict_one_in: 2,
+        seed: 3,
+        yield_before_each_op: false,
+    });
+    for i in 0..20 {
+        run(&store, ipam.auto_assign(&req(&format!("h{i}"), "n1", 1, 0))).unwrap();
+    }
+    let delays = store.backoff_delays();
+    assert!(
+        delays.len() > 10,
+        "conflicts caused backoffs: {}",
+        delays.len()
+    );
+    assert!(
+        delays.iter().all(|d| *d <= policy.max_delay),
+        "capped at max_delay"
+    );
+    let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+    assert!(
+        distinct.len() > delays.len() / 2,
+        "jittered, not a fixed schedule"
+    );
+}
+
+#[test]
+fn assign_and_release_with_an_affine_block_costs_four_writes() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    run(&store, ipam.auto_assign(&req("resident", "n1", 1, 0))).unwrap();
+    let before = store.stats();
+    run(&store, ipam.auto_assign(&req("pod", "n1", 1, 0))).unwrap();
+    let mid = store.stats();
+    run(&store, ipam.release_by_handle("pod")).unwrap();
+    let after = store.stats();
+    // Assign: create handle, update block. Release: update block, delete handle.
+    assert_eq!(mid.writes() - before.writes(), 2, "{before:?} -> {mid:?}");
+    assert_eq!(after.writes() - mid.writes(), 2, "{mid:?} -> {after:?}");
+    let reads = |s: tortie_ipam::StoreStats| s.gets + s.lists;
+    assert!(
+        reads(mid) - reads(before) <= 4,
+        "assign reads: {}",
+        reads(mid) - reads(before)
+    );
+    assert!(
+        reads(after) - reads(mid) <= 3,
+        "release reads: {}",
+        reads(after) - reads(mid)
+    );
+}

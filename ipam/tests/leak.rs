@@ -190,3 +190,26 @@ fn reassigned_address_is_never_collected_under_any_interleaving() {
         assert_eq!(new_ips, old.ipv4, "seed {seed}: live pod lost its address");
     }
 }
+
+#[test]
+fn deleted_node_ipam_is_released_after_grace_and_never_with_an_empty_node_list() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    block_on(ipam.auto_assign(&pod_req("ns", "on-n1", "n1", 1))).unwrap();
+    block_on(ipam.auto_assign(&pod_req("ns", "on-n2", "n2", 1))).unwrap();
+    let pods_alive = [("ns", "on-n1", &[][..]), ("ns", "on-n2", &[][..])];
+    let mut gc = LeakCollector::new(GRACE);
+    let t0 = SystemTime::UNIX_EPOCH;
+
+    // An empty node list (unsynced informer) never collects nodes.
+    let r = block_on(gc.collect(&ipam, &live(&pods_alive, &[]), t0 + GRACE * 10)).unwrap();
+    assert!(r.released_nodes.is_empty());
+
+    let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0)).unwrap();
+    assert!(r.released_nodes.is_empty(), "grace starts now");
+    let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0 + GRACE)).unwrap();
+    assert_eq!(r.released_nodes, vec!["n2".to_string()]);
+    assert_eq!(r.released.len(), 1);
+    assert!(affinities_of(&store, "n2").is_empty());
+    assert_eq!(affinities_of(&store, "n1").len(), 1);
+    check_quiescent(&store);
+}
