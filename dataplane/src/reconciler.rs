@@ -202,7 +202,9 @@ impl Reconciler {
                 .routes
                 .extend(routes.into_inner().into_iter().map(|r| (r.dst, r.target)));
         }
-        if self.config.adopt_calico_routes && !self.complete {
+        // Every resync, not only the first: calico-node may still be draining when tortie
+        // starts, and the agent may mark the state complete before the first dump.
+        if self.config.adopt_calico_routes {
             self.dump_adoptable(&mut actual)?;
         }
         for family in [
@@ -259,13 +261,30 @@ impl Reconciler {
         let Some(link) = actual.links.get(&n.ifindex) else {
             return;
         };
-        if !self.is_owned_device(&link.name) || !n.permanent {
+        if !self.is_owned_device(&link.name) {
+            return;
+        }
+        let ifname = link.name.to_string();
+        if !present {
+            // A deletion may report any state and may omit the other half of the entry:
+            // forget whatever tortie had under that key.
+            if n.bridge {
+                actual
+                    .fdb
+                    .retain(|f| f.ifname != ifname || n.mac.is_some_and(|m| m != f.mac));
+            } else {
+                actual
+                    .neighbours
+                    .retain(|e| e.ifname != ifname || n.ip.is_some_and(|ip| ip != e.ip));
+            }
+            return;
+        }
+        if !n.permanent {
             return;
         }
         let (Some(ip), Some(mac)) = (n.ip, n.mac) else {
             return;
         };
-        let ifname = link.name.to_string();
         if n.bridge {
             let e = FdbEntry {
                 ifname,
