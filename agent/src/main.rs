@@ -51,6 +51,11 @@ enum Command {
         #[arg(long)]
         ipv6: bool,
     },
+    /// Installs this binary as the CNI plugin (`<dir>/tortie`, atomically replaced).
+    InstallCni {
+        #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: std::path::PathBuf,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -67,6 +72,11 @@ fn init_logging(json: bool) {
 }
 
 fn main() -> Result<()> {
+    // The runtime runs the plugin as `/opt/cni/bin/tortie` with no arguments; CNI_COMMAND
+    // is what tells a plugin invocation from an operator's.
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        std::process::exit(cni::plugin::run());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Agent { log_json } => {
@@ -99,6 +109,11 @@ fn main() -> Result<()> {
             let method = autodetect::Method::parse(&method)?;
             let addrs = autodetect::interface_addrs()?;
             println!("{}", autodetect::select(&method, &addrs, ipv6, &[])?);
+            Ok(())
+        }
+        Command::InstallCni { cni_bin_dir } => {
+            let path = cni::install::install(&cni_bin_dir)?;
+            println!("installed the tortie CNI plugin as {}", path.display());
             Ok(())
         }
     }

@@ -1,6 +1,11 @@
 //! The CNI side of tortie: the plugin the container runtime runs, and the conflist the agent
 //! writes once the node can serve pods.
 
+pub mod install;
+pub mod plugin;
+mod sha1;
+pub mod spec;
+
 use std::path::Path;
 
 use anyhow::{Context, Result};

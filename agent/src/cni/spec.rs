@@ -17,7 +17,6 @@ pub const FALLBACK_VERSION: &str = "1.0.0";
 #[repr(u32)]
 pub enum ErrorCode {
     IncompatibleVersion = 1,
-    UnsupportedField = 2,
     ContainerUnknown = 3,
     InvalidEnvironment = 4,
     Io = 5,
@@ -112,7 +111,12 @@ impl NetConf {
         };
         let cni_version = match obj.get("cniVersion") {
             Some(Value::String(v)) => v.clone(),
-            Some(other) => return Err(invalid("cniVersion", format!("expected a string, got {other}"))),
+            Some(other) => {
+                return Err(invalid(
+                    "cniVersion",
+                    format!("expected a string, got {other}"),
+                ));
+            }
             None => {
                 return Err(invalid(
                     "cniVersion",
@@ -124,7 +128,10 @@ impl NetConf {
         let name = match obj.get("name") {
             Some(Value::String(n)) if !n.is_empty() => n.clone(),
             Some(other) => {
-                return Err(invalid("name", format!("expected a non-empty string, got {other}")));
+                return Err(invalid(
+                    "name",
+                    format!("expected a non-empty string, got {other}"),
+                ));
             }
             None => return Err(invalid("name", "missing; the network's name is required")),
         };
@@ -154,7 +161,10 @@ impl NetConf {
                 Value::Bool(b) => Ok(*b),
                 Value::String(s) if s == "true" => Ok(true),
                 Value::String(s) if s == "false" => Ok(false),
-                other => Err(invalid(&field, format!("expected true or false, got {other}"))),
+                other => Err(invalid(
+                    &field,
+                    format!("expected true or false, got {other}"),
+                )),
             }
         };
         let assign_ipv4 = flag("assign_ipv4", true)?;
@@ -174,7 +184,10 @@ impl NetConf {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
             Some(other) => {
-                return Err(invalid("prevResult", format!("expected an object, got {other}")));
+                return Err(invalid(
+                    "prevResult",
+                    format!("expected an object, got {other}"),
+                ));
             }
         };
         Ok(NetConf {
@@ -191,7 +204,10 @@ impl NetConf {
     }
 }
 
-fn optional_string(obj: &serde_json::Map<String, Value>, key: &str) -> Result<Option<String>, CniError> {
+fn optional_string(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, CniError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -334,7 +350,11 @@ pub fn parse_cni_args(s: &str) -> Result<BTreeMap<String, String>, CniError> {
 /// Calico's host-side veth name: `cali` + the first 11 hex digits of sha1("<ns>.<pod>"), so
 /// tools and Felix-era habits that expect it keep working. Without Kubernetes arguments the
 /// container id stands in for the pod.
-pub fn host_veth_name(pod_namespace: Option<&str>, pod_name: Option<&str>, container_id: &str) -> String {
+pub fn host_veth_name(
+    pod_namespace: Option<&str>,
+    pod_name: Option<&str>,
+    container_id: &str,
+) -> String {
     let key = match (pod_namespace, pod_name) {
         (Some(ns), Some(pod)) => format!("{ns}.{pod}"),
         _ => container_id.to_owned(),
@@ -400,7 +420,11 @@ impl CniResult {
             .map(|ip| {
                 let mut o = json!({ "address": ip.address.to_string() });
                 if ips_carry_version(cni_version) {
-                    o["version"] = json!(if ip.address.addr().is_ipv4() { "4" } else { "6" });
+                    o["version"] = json!(if ip.address.addr().is_ipv4() {
+                        "4"
+                    } else {
+                        "6"
+                    });
                 }
                 if let Some(g) = ip.gateway {
                     o["gateway"] = json!(g.to_string());
@@ -553,13 +577,18 @@ mod tests {
     fn result_round_trips_through_prev_result_in_every_version() {
         let r = sample_result();
         for v in SUPPORTED_VERSIONS {
-            assert_eq!(CniResult::from_json(&r.to_json(v)).unwrap(), r, "version {v}");
+            assert_eq!(
+                CniResult::from_json(&r.to_json(v)).unwrap(),
+                r,
+                "version {v}"
+            );
         }
     }
 
     #[test]
     fn unsupported_version_is_code_1_listing_the_supported_ones() {
-        let err = NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"tortie"}"#).unwrap_err();
+        let err =
+            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n","type":"tortie"}"#).unwrap_err();
         assert_eq!(err.code, ErrorCode::IncompatibleVersion);
         assert!(err.details.contains("1.0.0"), "{err}");
     }
@@ -567,7 +596,8 @@ mod tests {
     #[test]
     fn bad_mtu_is_code_7_naming_the_field() {
         let err =
-            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tortie","mtu":"big"}"#).unwrap_err();
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tortie","mtu":"big"}"#)
+                .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidConfig);
         assert!(err.msg.contains("\"mtu\""), "{err}");
     }
@@ -595,7 +625,8 @@ mod tests {
 
     #[test]
     fn cni_args_split_on_semicolons() {
-        let a = parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
+        let a =
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
         assert_eq!(a["K8S_POD_NAMESPACE"], "default");
         assert_eq!(a["K8S_POD_NAME"], "web-0");
         assert!(parse_cni_args("K8S_POD_NAME").is_err());
