@@ -157,7 +157,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         ..dp::Config::default()
     };
     let dataplane = dp::Dataplane::start(dp_config).context("starting the dataplane")?;
-    let routing = Routing::start(&cfg, &node).await.context("starting BGP")?;
+    let routing = Routing::start(&cfg, &node, client.clone())
+        .await
+        .context("starting BGP")?;
 
     let (calls_tx, mut calls_rx) = mpsc::channel::<Call>(64);
     let socket = local_api::socket_path(&cfg.run_dir);
@@ -365,6 +367,7 @@ impl Agent {
         serde_json::json!({
             "node": self.node.name,
             "address": self.node.addr_v4.map(|a| a.to_string()),
+            "address6": self.node.addr_v6.map(|a| a.to_string()),
             "as_number": self.view.my_as(),
             "peers": self.routing.status(),
             "blocks": self.view.my_blocks().iter().map(ToString::to_string).collect::<Vec<_>>(),
