@@ -407,30 +407,47 @@ impl<S: Store> Ipam<S> {
             if want == 0 {
                 continue;
             }
+            let mut got = Vec::with_capacity(want);
             let result = self
-                .auto_assign_family(req, fam, want, &settings, &pools)
+                .auto_assign_family(req, fam, want, &settings, &pools, &mut got)
                 .await;
-            match result {
-                Ok(ips) => {
-                    if fam == 4 {
-                        out.ipv4 = ips;
-                    } else {
-                        out.ipv6 = ips;
-                    }
+            let result = result.and_then(|()| {
+                if got.len() < want {
+                    Err(IpamError::Exhausted {
+                        family: fam,
+                        node: req.node.clone(),
+                        requested: want,
+                        found: got.len(),
+                    })
+                } else {
+                    Ok(())
                 }
-                Err(e) => {
-                    let mut undo: Vec<IpAddr> = out.ipv4.clone();
-                    undo.extend(&out.ipv6);
-                    if !undo.is_empty() {
-                        self.release_ips(&undo).await?;
-                    }
-                    return Err(e);
+            });
+            if fam == 4 {
+                out.ipv4 = got;
+            } else {
+                out.ipv6 = got;
+            }
+            if let Err(e) = result {
+                // All-or-nothing: give back everything this call took, whatever failed.
+                let undo: Vec<IpAddr> = out.ipv4.iter().chain(&out.ipv6).copied().collect();
+                if !undo.is_empty()
+                    && let Err(release_err) = self.release_ips(&undo).await
+                {
+                    warn!(
+                        handle = %req.handle_id,
+                        "could not undo a failed assignment ({release_err}); \
+                         a release by handle or the leak collector will free it"
+                    );
                 }
+                return Err(e);
             }
         }
         Ok(out)
     }
 
+    /// Assigns up to `want` addresses of one family into `got`; an error may leave `got`
+    /// partly filled, and the caller releases it.
     async fn auto_assign_family(
         &self,
         req: &AutoAssignRequest,
@@ -438,7 +455,8 @@ impl<S: Store> Ipam<S> {
         want: usize,
         settings: &IpamSettings,
         pools: &PoolSet,
-    ) -> Result<Vec<IpAddr>, IpamError> {
+        got: &mut Vec<IpAddr>,
+    ) -> Result<(), IpamError> {
         let use_ = req.use_.unwrap_or(AllowedUse::Workload);
         let candidates: Vec<&Pool> = pools
             .valid
@@ -455,10 +473,13 @@ impl<S: Store> Ipam<S> {
         }
         let in_candidates =
             |cidr: &IpNet| candidates.iter().any(|p| p.cidr.contains(&cidr.network()));
-        let mut got: Vec<IpAddr> = Vec::with_capacity(want);
 
         // 1. Blocks already affine to this host.
-        let affine = self.host_affinities(&req.node, fam).await?;
+        let mut affine = self.host_affinities(&req.node, fam).await?;
+        if affine.iter().any(|(_, st)| *st != AffinityState::Confirmed) {
+            self.heal_affinities(&req.node, &affine).await?;
+            affine = self.host_affinities(&req.node, fam).await?;
+        }
         for cidr in affine
             .iter()
             .filter(|(_, st)| *st == AffinityState::Confirmed)
@@ -466,7 +487,7 @@ impl<S: Store> Ipam<S> {
             .filter(|c| in_candidates(c))
         {
             if got.len() == want {
-                break;
+                return Ok(());
             }
             let ips = self
                 .assign_from_block(cidr, want - got.len(), req, Some(&req.node))
@@ -479,7 +500,7 @@ impl<S: Store> Ipam<S> {
             let max_claims = settings.max_blocks_per_host as usize + candidates.len();
             for _ in 0..max_claims {
                 if got.len() == want {
-                    break;
+                    return Ok(());
                 }
                 let owned = self.host_affinities(&req.node, fam).await?.len();
                 if owned >= settings.max_blocks_per_host as usize {
@@ -511,7 +532,7 @@ impl<S: Store> Ipam<S> {
             borrowable.sort();
             for (_, cidr) in borrowable {
                 if got.len() == want {
-                    break;
+                    return Ok(());
                 }
                 let ips = self
                     .assign_from_block(&cidr, want - got.len(), req, None)
@@ -522,20 +543,44 @@ impl<S: Store> Ipam<S> {
                 got.extend(ips);
             }
         }
+        Ok(())
+    }
 
-        if got.len() < want {
-            let found = got.len();
-            if !got.is_empty() {
-                self.release_ips(&got).await?;
+    /// Finishes what an interrupted operation left in this host's affinities. Operations of one
+    /// host are serialized, so a pending claim seen here is stale: confirm it if its block was
+    /// created, else drop it. A pending deletion may be another host's release in flight, which
+    /// is idempotent to run again: it deletes the block if empty or restores the affinity.
+    async fn heal_affinities(
+        &self,
+        node: &str,
+        affinities: &[(IpNet, AffinityState)],
+    ) -> Result<(), IpamError> {
+        for (cidr, state) in affinities {
+            match state {
+                AffinityState::Pending => {
+                    let block_is_ours = match self.store.get::<IpamBlock>(&block_name(cidr)).await {
+                        Ok(b) => !b.spec.is_deleted() && b.spec.affine_node() == Some(node),
+                        Err(StoreError::NotFound { .. }) => false,
+                        Err(e) => return Err(e.into()),
+                    };
+                    if block_is_ours {
+                        info!(node, block = %cidr, "confirming an interrupted block claim");
+                        self.claim_block(node, cidr).await?;
+                    } else {
+                        info!(node, block = %cidr, "dropping a stale pending affinity");
+                        self.delete_affinity_if(node, cidr, |a| {
+                            a.spec.state == AffinityState::Pending
+                        })
+                        .await?;
+                    }
+                }
+                AffinityState::PendingDeletion => {
+                    self.release_block_affinity(node, cidr, true).await?;
+                }
+                AffinityState::Confirmed | AffinityState::Other(_) => {}
             }
-            return Err(IpamError::Exhausted {
-                family: fam,
-                node: req.node.clone(),
-                requested: want,
-                found,
-            });
         }
-        Ok(got)
+        Ok(())
     }
 
     /// The node's affinities of one family in every state, by block CIDR. Counting includes
@@ -608,15 +653,17 @@ impl<S: Store> Ipam<S> {
                 Ok(_) => {
                     return Ok(ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect());
                 }
-                Err(e) => {
-                    // The block write failed: take the handle count back down.
+                Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
+                    // The block write definitely failed: take the handle count back down.
                     self.adjust_handle(&req.handle_id, cidr, -n).await?;
-                    match e {
-                        StoreError::Conflict { .. } => self.pause(attempt).await,
-                        StoreError::NotFound { .. } => return Ok(Vec::new()),
-                        other => return Err(other.into()),
+                    if matches!(e, StoreError::NotFound { .. }) {
+                        return Ok(Vec::new());
                     }
+                    self.pause(attempt).await;
                 }
+                // The write may or may not have landed (e.g. a timeout): keep the handle count,
+                // since a handle that over-counts is harmless and one that under-counts leaks.
+                Err(other) => return Err(other.into()),
             }
         }
         Err(self.too_many::<IpamBlock>(&name))
@@ -754,37 +801,45 @@ impl<S: Store> Ipam<S> {
         );
         match self.store.create(&pending).await {
             Ok(_) => {}
-            Err(StoreError::AlreadyExists { .. }) => {
-                // Left over from an earlier attempt of ours, or being released: never reuse the latter.
-                let existing = self.store.get::<BlockAffinity>(&aff_name).await;
-                if let Ok(a) = existing
-                    && a.spec.state == AffinityState::PendingDeletion
-                {
-                    return Ok(false);
+            Err(e @ (StoreError::AlreadyExists { .. } | StoreError::Other { .. })) => {
+                // Left over from an earlier attempt of ours (or our create landed despite the
+                // error), or being released: never reuse the latter.
+                match self.store.get::<BlockAffinity>(&aff_name).await {
+                    Ok(a) if a.spec.state == AffinityState::PendingDeletion => return Ok(false),
+                    Ok(_) => {}
+                    Err(StoreError::NotFound { .. }) if matches!(e, StoreError::Other { .. }) => {
+                        return Err(e.into());
+                    }
+                    Err(StoreError::NotFound { .. }) => return Ok(false),
+                    Err(get_err) => return Err(get_err.into()),
                 }
             }
             Err(e) => return Err(e.into()),
         }
 
         let block = new_block(*cidr, Some(node));
-        match self.store.create(&block).await {
-            Ok(_) => {}
-            Err(StoreError::AlreadyExists { .. }) => {
-                let ours = match self.store.get::<IpamBlock>(&block.metadata.name).await {
+        let ours = match self.store.create(&block).await {
+            Ok(_) => true,
+            // Someone else's block, or ours if the create landed despite the error: look.
+            Err(StoreError::AlreadyExists { .. } | StoreError::Other { .. }) => {
+                match self.store.get::<IpamBlock>(&block.metadata.name).await {
                     Ok(b) => !b.spec.is_deleted() && b.spec.affine_node() == Some(node),
                     Err(StoreError::NotFound { .. }) => false,
+                    // Pending affinity left behind; this host's next assignment cleans it up.
                     Err(e) => return Err(e.into()),
-                };
-                if !ours {
-                    debug!(node, block = %cidr, "lost the race for a block; undoing pending affinity");
-                    self.delete_affinity_if(node, cidr, |_| true).await?;
-                    return Ok(false);
                 }
             }
             Err(e) => {
-                self.delete_affinity_if(node, cidr, |_| true).await?;
+                self.delete_affinity_if(node, cidr, |a| a.spec.state == AffinityState::Pending)
+                    .await?;
                 return Err(e.into());
             }
+        };
+        if !ours {
+            debug!(node, block = %cidr, "lost the race for a block; undoing pending affinity");
+            self.delete_affinity_if(node, cidr, |a| a.spec.state == AffinityState::Pending)
+                .await?;
+            return Ok(false);
         }
 
         for attempt in 0..self.retry.max_attempts {
@@ -892,15 +947,12 @@ impl<S: Store> Ipam<S> {
             self.adjust_handle(handle_id, &cidr, 1).await?;
             match self.store.update(&block).await {
                 Ok(_) => return Ok(()),
-                Err(e) => {
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
                     self.adjust_handle(handle_id, &cidr, -1).await?;
-                    match e {
-                        StoreError::Conflict { .. } | StoreError::NotFound { .. } => {
-                            self.pause(attempt).await
-                        }
-                        other => return Err(other.into()),
-                    }
+                    self.pause(attempt).await;
                 }
+                // Ambiguous outcome: keep the handle count (see assign_from_block).
+                Err(other) => return Err(other.into()),
             }
         }
         Err(self.too_many::<IpamBlock>(&name))

@@ -143,6 +143,9 @@ impl<T: Store> Store for Arc<T> {
 pub struct Faults {
     /// Fail one `update`/`delete` in this many with a spurious [`StoreError::Conflict`] (0: never).
     pub conflict_one_in: u32,
+    /// Apply one successful write in this many but report it as failed with
+    /// [`StoreError::Other`] (0: never), like a timeout after the API server committed.
+    pub ambiguous_one_in: u32,
     /// Seed of the fault generator, so a failing run replays.
     pub seed: u64,
     /// Every operation returns `Pending` once before running, so futures polled by an
@@ -167,6 +170,8 @@ pub struct StoreStats {
     pub conflicts: u64,
     /// Conflicts that were injected.
     pub injected_conflicts: u64,
+    /// Writes applied but reported as failed.
+    pub injected_ambiguous: u64,
     /// Backoff pauses requested between CAS attempts.
     pub backoffs: u64,
 }
@@ -214,6 +219,16 @@ impl MemoryState {
         false
     }
 
+    /// Whether to report the write just applied as failed.
+    fn inject_ambiguous(&mut self) -> bool {
+        let n = self.faults.ambiguous_one_in;
+        if n > 0 && self.next_random().is_multiple_of(u64::from(n)) {
+            self.stats.injected_ambiguous += 1;
+            return true;
+        }
+        false
+    }
+
     fn bump(&mut self) -> u64 {
         self.next_revision += 1;
         self.next_revision
@@ -221,10 +236,18 @@ impl MemoryState {
 }
 
 /// An in-memory [`Store`] with Kubernetes-like revisions, for tests and benchmarks; can inject
-/// spurious conflicts and force task switches at every call.
+/// spurious conflicts and writes of unknown outcome, and force task switches at every call.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<MemoryState>,
+}
+
+fn ambiguous<K: Resource>(name: &str) -> StoreError {
+    StoreError::Other {
+        kind: K::KIND,
+        name: name.to_string(),
+        message: "injected fault: write applied, outcome reported as unknown".to_string(),
+    }
 }
 
 fn decode_revision<K: Resource>(name: &str, revision: Option<&str>) -> Result<u64, StoreError> {
@@ -332,13 +355,16 @@ impl MemoryStore {
         let mut stored = obj.clone();
         stored.metadata_mut().resource_version = Some(rev.to_string());
         st.objects.insert(
-            (K::KIND, name),
+            (K::KIND, name.clone()),
             Entry {
                 revision: rev,
                 object: Arc::new(stored.clone()),
             },
         );
         st.stats.creates += 1;
+        if st.inject_ambiguous() {
+            return Err(ambiguous::<K>(&name));
+        }
         Ok(stored)
     }
 
@@ -369,6 +395,9 @@ impl MemoryStore {
             },
         );
         st.stats.updates += 1;
+        if st.inject_ambiguous() {
+            return Err(ambiguous::<K>(&name));
+        }
         Ok(stored)
     }
 
@@ -389,6 +418,9 @@ impl MemoryStore {
         }
         st.objects.remove(&key);
         st.stats.deletes += 1;
+        if st.inject_ambiguous() {
+            return Err(ambiguous::<K>(name));
+        }
         Ok(())
     }
 }

@@ -545,6 +545,7 @@ fn injected_conflicts_are_retried_and_state_stays_consistent() {
         conflict_one_in: 3,
         seed: 7,
         yield_before_each_op: false,
+        ambiguous_one_in: 0,
     });
     let mut held = Vec::new();
     for i in 0..40 {
@@ -576,6 +577,7 @@ fn endless_conflicts_end_in_a_bounded_error() {
         conflict_one_in: 1,
         seed: 1,
         yield_before_each_op: false,
+        ambiguous_one_in: 0,
     });
     let before = store.stats();
     let err = block_on(ipam.auto_assign(&req("h2", "n1", 1, 0))).unwrap_err();
@@ -594,6 +596,7 @@ fn concurrent_claims_of_the_only_block_leave_one_owner_and_no_pending_affinity()
             conflict_one_in: 0,
             seed,
             yield_before_each_op: true,
+            ambiguous_one_in: 0,
         });
         let tasks: Vec<Task<'_>> = ["n1", "n2", "n3"]
             .iter()
@@ -729,6 +732,7 @@ fn conflict_retries_back_off_with_bounded_jittered_delays() {
         conflict_one_in: 2,
         seed: 3,
         yield_before_each_op: false,
+        ambiguous_one_in: 0,
     });
     for i in 0..20 {
         run(&store, ipam.auto_assign(&req(&format!("h{i}"), "n1", 1, 0))).unwrap();

@@ -164,6 +164,7 @@ fn reassigned_address_is_never_collected_under_any_interleaving() {
             conflict_one_in: 0,
             seed,
             yield_before_each_op: true,
+            ambiguous_one_in: 0,
         });
         let collector: Task<'_> = Box::pin(async {
             gc.collect(&ipam, &state, SystemTime::UNIX_EPOCH)

@@ -30,6 +30,7 @@ fn parallel_hosts_on_threads_never_share_an_address() {
         conflict_one_in: 5,
         seed: 42,
         yield_before_each_op: false,
+        ambiguous_one_in: 0,
     });
     let ipam = Arc::new(ipam);
     let held: Arc<Mutex<HashMap<IpAddr, String>>> = Arc::default();
