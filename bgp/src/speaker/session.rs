@@ -39,8 +39,9 @@ pub(crate) struct SessionParams {
     pub routes: mpsc::UnboundedReceiver<PeerOut>,
 }
 
-/// Reads larger than this are split so one busy peer cannot grow its buffer without bound.
-const READ_CHUNK: usize = 64 * 1024;
+/// Free space ensured before each read: small, so idle sessions stay cheap (the buffer
+/// still grows to hold a whole message when one is larger).
+const READ_RESERVE: usize = 4096;
 /// How long a second (colliding) connection may take to send its OPEN.
 const COLLISION_OPEN_WAIT: Duration = Duration::from_secs(30);
 
@@ -60,7 +61,7 @@ impl Conn {
         Ok(Conn {
             reader,
             writer,
-            buf: BytesMut::with_capacity(8192),
+            buf: BytesMut::with_capacity(4096),
             local,
             locally_initiated,
         })
@@ -115,7 +116,7 @@ const TIMERS: [Timer; 3] = [Timer::ConnectRetry, Timer::Hold, Timer::Keepalive];
 async fn read_some(conn: &mut Option<Conn>) -> std::io::Result<usize> {
     match conn {
         Some(c) => {
-            c.buf.reserve(READ_CHUNK.min(16 * 1024));
+            c.buf.reserve(READ_RESERVE);
             c.reader.read_buf(&mut c.buf).await
         }
         None => std::future::pending().await,
@@ -125,7 +126,7 @@ async fn read_some(conn: &mut Option<Conn>) -> std::io::Result<usize> {
 async fn read_secondary(sec: &mut Option<Secondary>) -> std::io::Result<usize> {
     match sec {
         Some(s) => {
-            s.conn.buf.reserve(4096);
+            s.conn.buf.reserve(READ_RESERVE);
             s.conn.reader.read_buf(&mut s.conn.buf).await
         }
         None => std::future::pending().await,
