@@ -177,6 +177,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         metrics_text.clone(),
     )?;
 
+    tokio::spawn(crate::gc::run(
+        client.clone(),
+        ipam.clone(),
+        crate::gc::GcConfig {
+            identity: node.name.clone(),
+            interval: Duration::from_secs(cfg.gc_interval_secs),
+            grace: Duration::from_secs(cfg.gc_grace_secs),
+        },
+    ));
     let mut caches = Caches::start(&client);
     let workloads = load_workloads(&workloads_path(&cfg));
     info!(node = %node.name, workloads = workloads.len(), "agent started");
@@ -349,6 +358,19 @@ impl Agent {
                     Reply::ok()
                 } else {
                     Reply::err("tortie agent is not ready yet")
+                });
+                false
+            }
+            Request::Shutdown => {
+                // preStop: tell the scheduler this node's network is going away; routes stay.
+                let client = self.client.clone();
+                let node = self.node.name.clone();
+                tokio::spawn(async move {
+                    let r = bootstrap::set_network_unavailable(&client, &node, true).await;
+                    let _ = reply.send(match r {
+                        Ok(()) => Reply::ok(),
+                        Err(e) => Reply::err(format!("{e:#}")),
+                    });
                 });
                 false
             }

@@ -45,6 +45,9 @@ pub struct Config {
     pub route_protocol: u8,
     /// How long after start to wait for peers' End-of-RIB before removing stale routes.
     pub startup_grace_secs: u64,
+    /// IPAM garbage collection: pass interval and how long an allocation must look leaked.
+    pub gc_interval_secs: u64,
+    pub gc_grace_secs: u64,
 }
 
 /// Reads the config from `env` (a map so tests need not touch the process environment).
@@ -141,6 +144,14 @@ pub fn from_env(env: &BTreeMap<String, String>) -> Result<Config> {
         v.parse()
             .with_context(|| format!("{var}={v:?}: expected address:port"))
     };
+    let secs = |var: &str, default: u64| -> Result<u64> {
+        match get(var) {
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("{var}={v:?}: expected whole seconds")),
+            None => Ok(default),
+        }
+    };
     Ok(Config {
         node_name,
         ipv4,
@@ -162,12 +173,10 @@ pub fn from_env(env: &BTreeMap<String, String>) -> Result<Config> {
                 .with_context(|| format!("TORTIE_ROUTE_PROTOCOL={v:?}: expected 1-255"))?,
             None => tortie_dataplane::DEFAULT_ROUTE_PROTOCOL,
         },
-        startup_grace_secs: match get("TORTIE_STARTUP_GRACE_SECS") {
-            Some(v) => v
-                .parse()
-                .with_context(|| format!("TORTIE_STARTUP_GRACE_SECS={v:?}"))?,
-            None => 120,
-        },
+        startup_grace_secs: secs("TORTIE_STARTUP_GRACE_SECS", 120)?,
+        gc_interval_secs: secs("TORTIE_IPAM_GC_INTERVAL_SECS", 30)?.max(1),
+        // calico-kube-controllers' default leak grace period: 15 minutes.
+        gc_grace_secs: secs("TORTIE_IPAM_GC_GRACE_SECS", 900)?,
     })
 }
 

@@ -43,6 +43,8 @@ pub enum Request {
     Ready,
     /// Node state for `tortie status`.
     Status,
+    /// preStop: mark the node's network unavailable before the agent stops.
+    Shutdown,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

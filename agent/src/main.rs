@@ -7,6 +7,7 @@ mod cluster;
 mod cni;
 mod config;
 mod datastore;
+mod gc;
 mod http;
 mod local_api;
 mod metrics;
@@ -43,6 +44,11 @@ enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// preStop hook: sets the Node's NetworkUnavailable condition before the agent stops.
+    Shutdown {
+        #[arg(long, env = "TORTIE_RUN_DIR", default_value = "/run/tortie")]
+        run_dir: std::path::PathBuf,
     },
     /// Prints the node address autodetection would choose (IP_AUTODETECTION_METHOD).
     DetectAddress {
@@ -102,6 +108,17 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Shutdown { run_dir } => {
+            let reply = local_api::call(
+                &local_api::socket_path(&run_dir),
+                &local_api::Request::Shutdown,
+                Duration::from_secs(10),
+            )?;
+            if !reply.ok {
+                bail!("agent error: {}", reply.error.unwrap_or_default());
             }
             Ok(())
         }

@@ -1,0 +1,107 @@
+//! Nodes leaving the cluster: `kubectl delete node` drops its BGP sessions and routes on
+//! every other node, and the IPAM garbage collector releases its blocks and tunnel address.
+
+use std::time::{Duration, Instant};
+
+use tortie_e2e::cluster::{ClusterSpec, TestCluster};
+use tortie_e2e::{TopologySpec, require_root, wait_for};
+
+#[test]
+fn deleted_node_loses_peers_routes_and_ipam() {
+    require_root();
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
+        pool_yaml: Some(
+            "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.244.0.0/16\n  \
+             vxlanMode: Always\n"
+                .to_owned(),
+        ),
+        agent_env: [("TORTIE_IPAM_GC_INTERVAL_SECS", "1"), ("TORTIE_IPAM_GC_GRACE_SECS", "1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    };
+    let Some(mut c) = TestCluster::start("deleted_node_loses_peers_routes_and_ipam", spec).unwrap()
+    else {
+        return;
+    };
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let b1_block = wait_for("b1 owns a block", Duration::from_secs(30), || {
+        let out = c.kubectl(&["get", "ipamblocks", "-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["spec"]["affinity"] == "host:b1")
+            .and_then(|b| b["spec"]["cidr"].as_str().map(str::to_owned)))
+    })
+    .unwrap();
+    wait_for("a1 routes b1's block", Duration::from_secs(20), || {
+        Ok(c.topo
+            .node("a1")
+            .ns
+            .run(&["ip", "route", "show", "proto", "84"])?
+            .contains(&b1_block)
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    // The machine goes away: its agent dies, then an operator deletes the Node.
+    c.kill_agent("b1").unwrap();
+    let start = Instant::now();
+    c.kubectl(&["delete", "node", "b1"]).unwrap();
+    for n in ["a1", "a2"] {
+        wait_for(
+            &format!("{n} drops b1's session and block route"),
+            Duration::from_secs(20),
+            || {
+                let peers = c.status(n)?["peers"].clone();
+                let has_peer = peers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["address"] == "10.77.1.10");
+                let routes = c
+                    .topo
+                    .node(n)
+                    .ns
+                    .run(&["ip", "route", "show", "proto", "84"])?;
+                Ok((!has_peer && !routes.contains(&b1_block)).then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    }
+    eprintln!(
+        "FIGURE node deletion: peers and routes gone on every node after {:?}",
+        start.elapsed()
+    );
+    wait_for(
+        "b1's block, affinity and tunnel handle released",
+        Duration::from_secs(30),
+        || {
+            let blocks = c.kubectl(&["get", "ipamblocks", "-o", "json"])?;
+            let affinities = c.kubectl(&["get", "blockaffinities", "-o", "name"])?;
+            let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"])?;
+            let b: serde_json::Value = serde_json::from_str(&blocks)?;
+            let block_left = b["items"].as_array().into_iter().flatten().any(|x| {
+                x["spec"]["affinity"] == "host:b1"
+                    || x["spec"]["attributes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|a| a["secondary"]["node"] == "b1")
+            });
+            Ok((!block_left
+                && !affinities.contains("b1-")
+                && !handles.contains("vxlan-tunnel-addr-b1"))
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    eprintln!(
+        "FIGURE node deletion: IPAM released after {:?}",
+        start.elapsed()
+    );
+}
