@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use crate::diff::{Actual, DeviceOp, Plan, WriteMode, diff, diff_devices};
+use crate::diff::{Actual, DeviceOp, FastSet, Plan, WriteMode, diff, diff_devices};
 use crate::messages::{
     IPV6_DEFAULT_METRIC, address_dump_request, address_message, fdb_message, link_create_message,
     link_delete_message, link_dump_request, link_set_message, neighbour_dump_request,
@@ -87,8 +87,11 @@ pub struct Reconciler {
     socket: BatchSocket,
     actual: Actual,
     desired: DesiredState,
-    desired_ifnames: HashSet<Arc<str>>,
+    desired_ifnames: FastSet<Arc<str>>,
     complete: bool,
+    /// The last pass left the kernel matching `desired` and nothing has changed since: the
+    /// next pass can return at once (Felix-style change tracking; resyncs still compare all).
+    in_sync: bool,
     counters: Counters,
 }
 
@@ -101,8 +104,9 @@ impl Reconciler {
             socket: BatchSocket::open()?,
             actual: Actual::default(),
             desired: DesiredState::default(),
-            desired_ifnames: HashSet::new(),
+            desired_ifnames: FastSet::default(),
             complete: false,
+            in_sync: false,
             counters: Counters::default(),
         })
     }
@@ -129,20 +133,31 @@ impl Reconciler {
 
     /// From now on, kernel objects tortie owns but does not want are deleted.
     pub fn mark_complete(&mut self) {
+        if !self.complete {
+            self.in_sync = false;
+        }
         self.complete = true;
     }
 
     pub fn set_desired(&mut self, desired: DesiredState) {
-        self.desired_ifnames = desired
-            .routes
-            .values()
-            .filter_map(|r| match &r.target {
-                RouteTarget::Device { ifname } | RouteTarget::Gateway { ifname, .. } => {
-                    Some(ifname.clone())
+        let mut names = FastSet::default();
+        let mut last: Option<&Arc<str>> = None;
+        for route in desired.routes.values() {
+            if let RouteTarget::Device { ifname } | RouteTarget::Gateway { ifname, .. } =
+                &route.target
+            {
+                // Routes share their device name's allocation: skip repeats cheaply.
+                if last.is_some_and(|l| Arc::ptr_eq(l, ifname)) {
+                    continue;
                 }
-                _ => None,
-            })
-            .collect();
+                last = Some(ifname);
+                names.insert(ifname.clone());
+            }
+        }
+        self.desired_ifnames = names;
+        if desired != self.desired {
+            self.in_sync = false;
+        }
         self.desired = desired;
     }
 
@@ -162,6 +177,7 @@ impl Reconciler {
     /// protocol in the kernel), neighbours/FDB on tortie's devices, and adoptable routes.
     pub fn resync(&mut self) -> Result<(), SocketError> {
         self.counters.resyncs += 1;
+        self.in_sync = false;
         let mut actual = Actual::default();
         for msg in self.socket.dump("link dump", &link_dump_request())? {
             if let RouteNetlinkMessage::NewLink(l) = msg
@@ -308,6 +324,14 @@ impl Reconciler {
 
     /// Folds one monitor message into the view and says what it requires.
     pub fn on_event(&mut self, msg: &RouteNetlinkMessage) -> EventEffect {
+        let effect = self.fold_event(msg);
+        if effect != EventEffect::Nothing {
+            self.in_sync = false;
+        }
+        effect
+    }
+
+    fn fold_event(&mut self, msg: &RouteNetlinkMessage) -> EventEffect {
         match msg {
             RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
                 let added = matches!(msg, RouteNetlinkMessage::NewRoute(_));
@@ -442,6 +466,9 @@ impl Reconciler {
 
     /// One level-triggered pass: devices first, then neighbours and routes, then deletions.
     pub fn reconcile(&mut self) -> Result<Report, SocketError> {
+        if self.in_sync {
+            return Ok(Report::default());
+        }
         let start = Instant::now();
         let mut report = Report::default();
         let owned = self.owned_device_names().map(str::to_owned);
@@ -470,6 +497,7 @@ impl Reconciler {
             self.counters.apply_seconds_max = self.counters.apply_seconds_max.max(secs);
             self.recount_routes();
         }
+        self.in_sync = report.failures.is_empty() && report.waiting == 0;
         Ok(report)
     }
 

@@ -1,0 +1,247 @@
+//! Route reconciler benchmark: install, re-point and delete 100k remote-block routes through
+//! tortie's batched netlink socket, against `ip -batch` doing the same in the same run; plus
+//! the CPU cost of a no-op reconcile of 100k routes.
+//!
+//! Needs root: it creates its own network namespace (`tortie-bench-<pid>`) with a veth pair,
+//! works only inside it and deletes it at the end.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tortie_dataplane::{Config, EncapMode, Inputs, Pool, Reconciler, RemoteBlock, desired};
+
+const ROUTES: u32 = 100_000;
+const NEXT_HOP_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+const NEXT_HOP_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+
+/// The namespace the benchmark owns; deleted on drop, even after a panic.
+struct BenchNetns {
+    name: String,
+}
+
+impl BenchNetns {
+    fn create() -> BenchNetns {
+        let name = format!("tortie-bench-{}", std::process::id());
+        run(&["ip", "netns", "add", &name]);
+        let ns = BenchNetns { name };
+        let n = ns.name.as_str();
+        run(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        run(&[
+            "ip", "-n", n, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+        ]);
+        run(&["ip", "-n", n, "link", "set", "veth0", "up"]);
+        run(&["ip", "-n", n, "link", "set", "veth1", "up"]);
+        run(&["ip", "-n", n, "addr", "add", "10.0.0.1/24", "dev", "veth0"]);
+        ns
+    }
+
+    /// Moves the calling thread into the namespace (netlink sockets opened afterwards live there).
+    fn enter(&self) {
+        let file = File::open(format!("/var/run/netns/{}", self.name)).expect("netns file");
+        // SAFETY: setns on the calling thread with a valid namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for BenchNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(argv: &[&str]) {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `/27` number `k` inside 10.128.0.0/10.
+fn block(k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k * 32)
+}
+
+fn inputs(next_hop: Ipv4Addr, routes: u32) -> Inputs {
+    Inputs {
+        node_name: "bench".into(),
+        node_addr_v4: Some("10.0.0.1/24".parse().expect("cidr")),
+        uplink: "veth0".into(),
+        uplink_mtu: 1500,
+        pools: vec![Pool {
+            cidr: "10.128.0.0/10".parse().expect("cidr"),
+            ipip: EncapMode::Never,
+            vxlan: EncapMode::Never,
+        }],
+        remote_blocks: (0..routes)
+            .map(|k| RemoteBlock {
+                cidr: ipnet::IpNet::new(IpAddr::V4(block(k)), 27).expect("prefix"),
+                node_ip: next_hop.into(),
+            })
+            .collect(),
+        ..Inputs::default()
+    }
+}
+
+/// CPU time (user + system) of the calling thread.
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage fills a zeroed rusage for this thread.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// CPU time (user + system) of waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: as above, for RUSAGE_CHILDREN.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Applies `inputs` (desired-state computation included) and returns the wall time.
+fn apply(
+    reconciler: &mut Reconciler,
+    config: &Config,
+    inputs: &Inputs,
+    want_writes: usize,
+) -> Duration {
+    let start = Instant::now();
+    let state = desired(inputs, config).expect("inputs");
+    reconciler.set_desired(state);
+    let report = reconciler.reconcile().expect("reconcile");
+    let took = start.elapsed();
+    assert!(
+        report.failures.is_empty(),
+        "kernel refused {} writes, first: {}",
+        report.failures.len(),
+        report.failures[0]
+    );
+    assert_eq!(report.writes, want_writes, "writes");
+    took
+}
+
+fn ip_batch(ns: &str, verb: &str, next_hop: Ipv4Addr, proto: u8) -> Duration {
+    let mut script = String::with_capacity(ROUTES as usize * 64);
+    for k in 0..ROUTES {
+        match verb {
+            "del" => writeln!(script, "route del {}/27 proto {proto}", block(k)),
+            _ => writeln!(
+                script,
+                "route {verb} {}/27 via {next_hop} dev veth0 proto {proto}",
+                block(k)
+            ),
+        }
+        .expect("write to string");
+    }
+    let path =
+        std::env::temp_dir().join(format!("tortie-bench-{}-{verb}.batch", std::process::id()));
+    std::fs::write(&path, script).expect("batch file");
+    let start = Instant::now();
+    run(&["ip", "-n", ns, "-batch", path.to_str().expect("utf-8 path")]);
+    let took = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    took
+}
+
+fn count_routes(ns: &str, proto: u8) -> usize {
+    let out = Command::new("ip")
+        .args(["-n", ns, "route", "show", "proto", &proto.to_string()])
+        .output()
+        .expect("ip route show");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn rate(routes: u32, took: Duration) -> u64 {
+    (f64::from(routes) / took.as_secs_f64()) as u64
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: the routes benchmark needs root (network namespaces)");
+        return;
+    }
+    let ns = BenchNetns::create();
+    ns.enter();
+    let config = Config::default();
+    let proto = config.route_protocol;
+    let mut reconciler = Reconciler::new(config.clone()).expect("netlink socket");
+    reconciler.resync().expect("initial dump");
+    reconciler.mark_complete();
+
+    let install_inputs = inputs(NEXT_HOP_A, ROUTES);
+    let replace_inputs = inputs(NEXT_HOP_B, ROUTES);
+    let empty_inputs = inputs(NEXT_HOP_A, 0);
+
+    let cpu_before = thread_cpu();
+    let install = apply(&mut reconciler, &config, &install_inputs, ROUTES as usize);
+    let install_cpu = thread_cpu() - cpu_before;
+    assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
+
+    // No-op reconcile: the inputs arrive again unchanged; desired state and diff, no writes.
+    let cpu_before = thread_cpu();
+    let noop = apply(&mut reconciler, &config, &install_inputs, 0);
+    let noop_cpu = thread_cpu() - cpu_before;
+    // A full resync (dump and parse 100k routes, then diff) for comparison.
+    let cpu_before = thread_cpu();
+    reconciler.resync().expect("resync");
+    assert!(reconciler.plan().is_empty(), "resync found differences");
+    let resync_cpu = thread_cpu() - cpu_before;
+    let child_before = children_cpu();
+    let _ = count_routes(&ns.name, proto);
+    let listing_cpu = children_cpu() - child_before;
+
+    let replace = apply(&mut reconciler, &config, &replace_inputs, ROUTES as usize);
+    let delete = apply(&mut reconciler, &config, &empty_inputs, ROUTES as usize);
+    assert_eq!(count_routes(&ns.name, proto), 0);
+
+    let ip_add = ip_batch(&ns.name, "add", NEXT_HOP_A, proto);
+    assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
+    let ip_replace = ip_batch(&ns.name, "replace", NEXT_HOP_B, proto);
+    let ip_del = ip_batch(&ns.name, "del", NEXT_HOP_B, proto);
+    assert_eq!(count_routes(&ns.name, proto), 0);
+
+    eprintln!(
+        "100k routes: install {install:?} ({install_cpu:?} CPU, mostly kernel), replace {replace:?}, delete {delete:?}, no-op {noop:?} wall; \
+         ip -batch add {ip_add:?}, replace {ip_replace:?}, del {ip_del:?}"
+    );
+    println!(
+        "BENCH name=dataplane_install_100k unit=routes_per_s tortie={} ref=ip_batch:{} better=higher",
+        rate(ROUTES, install),
+        rate(ROUTES, ip_add)
+    );
+    println!(
+        "BENCH name=dataplane_replace_100k unit=routes_per_s tortie={} ref=ip_batch:{} better=higher",
+        rate(ROUTES, replace),
+        rate(ROUTES, ip_replace)
+    );
+    println!(
+        "BENCH name=dataplane_delete_100k unit=routes_per_s tortie={} ref=ip_batch:{} better=higher",
+        rate(ROUTES, delete),
+        rate(ROUTES, ip_del)
+    );
+    println!(
+        "BENCH name=dataplane_noop_reconcile_100k unit=cpu_ms tortie={:.1} ref=ip_route_show:{:.1} better=lower",
+        noop_cpu.as_secs_f64() * 1000.0,
+        listing_cpu.as_secs_f64() * 1000.0
+    );
+    println!(
+        "BENCH name=dataplane_full_resync_100k unit=cpu_ms tortie={:.1} ref=ip_route_show:{:.1} better=lower",
+        resync_cpu.as_secs_f64() * 1000.0,
+        listing_cpu.as_secs_f64() * 1000.0
+    );
+}
