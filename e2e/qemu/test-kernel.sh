@@ -16,9 +16,10 @@ filter="${TORTIE_KERNEL_TEST_FILTER:-ipip mode_transitions}"
 
 "$here/prepare.sh"
 
-# The JSON stream names every test executable the build produced (stdout); progress and
-# compiler messages stay on stderr.
-executables="$(cd "$repo" && "$cargo" test --no-run -p tortie-e2e --message-format=json-render-diagnostics \
+# Only the targets the guest runs are built, so an unrelated test file cannot break this. The
+# JSON stream (stdout) names each test executable; progress and compiler messages stay on stderr.
+executables="$(cd "$repo" && "$cargo" test --no-run -p tortie-e2e --test 'dataplane_*' --test 'qemu_guest_*' \
+  --message-format=json-render-diagnostics \
   | jq -r 'select(.reason == "compiler-artifact" and .profile.test and .executable != null) | .executable')"
 
 binaries=()
