@@ -1,0 +1,362 @@
+//! Shared by the `cni_*` tests: the built `tortie` binary run exactly as a container runtime
+//! runs a CNI plugin, and a stand-in for the node agent's local API socket.
+//!
+//! The stand-in speaks the agent's JSON-lines protocol (`assign`, `workload_up`, `release`,
+//! `ready`) and hands out addresses from 10.244.0.0/24 and fd00:244::/64; it replaces the agent
+//! (which needs an API server), not the kernel: everything the plugin does to interfaces is real.
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tortie_e2e::Netns;
+
+/// The `tortie` binary, built once per test process with `cargo build -p tortie`.
+pub fn tortie_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("e2e lives inside the workspace")
+                .to_owned();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace.join("target"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "tortie"])
+                .current_dir(&workspace)
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .expect("running cargo build -p tortie");
+            assert!(status.success(), "cargo build -p tortie failed");
+            let bin = target.join("debug").join("tortie");
+            assert!(bin.exists(), "{} missing after the build", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// What one plugin invocation printed and how it exited.
+#[derive(Debug)]
+pub struct PluginRun {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub json: Option<Value>,
+}
+
+impl PluginRun {
+    /// The result JSON of a successful run; panics with the plugin's error otherwise.
+    pub fn result(&self) -> &Value {
+        assert!(
+            self.ok,
+            "plugin failed: stdout {} stderr {}",
+            self.stdout, self.stderr
+        );
+        self.json.as_ref().expect("a result on stdout")
+    }
+
+    /// The error JSON of a failed run; panics if the run succeeded.
+    pub fn error(&self) -> &Value {
+        assert!(!self.ok, "plugin unexpectedly succeeded: {}", self.stdout);
+        let e = self
+            .json
+            .as_ref()
+            .unwrap_or_else(|| panic!("no error JSON on stdout; stderr: {}", self.stderr));
+        assert!(e["code"].as_u64().is_some(), "error without a code: {e}");
+        assert!(
+            !e["msg"].as_str().unwrap_or_default().is_empty(),
+            "error without a msg: {e}"
+        );
+        e
+    }
+}
+
+/// One pod's CNI identity, as kubelet would pass it.
+#[derive(Debug, Clone)]
+pub struct PodRef {
+    pub container_id: String,
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub ifname: String,
+}
+
+impl PodRef {
+    pub fn new(pod_ns: &Netns, name: &str) -> PodRef {
+        static N: AtomicU32 = AtomicU32::new(0);
+        PodRef {
+            container_id: format!(
+                "{:x}{:06x}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ),
+            namespace: "default".into(),
+            name: name.into(),
+            netns: format!("/var/run/netns/{}", pod_ns.name()),
+            ifname: "eth0".into(),
+        }
+    }
+
+    pub fn cni_args(&self) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID=uid-{}",
+            self.namespace, self.name, self.container_id, self.container_id
+        )
+    }
+
+    /// Calico's host veth name for this pod, computed independently of tortie with `sha1sum`.
+    pub fn host_if(&self) -> String {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("printf '%s' '{}.{}' | sha1sum", self.namespace, self.name),
+            ])
+            .output()
+            .expect("sha1sum");
+        format!("cali{}", &String::from_utf8_lossy(&out.stdout)[..11])
+    }
+}
+
+/// Runs a CNI plugin binary inside `node` (the node's network namespace is the "host" the
+/// plugin sees) with the runtime's environment and `config` on stdin.
+pub fn run_plugin(
+    node: &Netns,
+    binary: &Path,
+    command: &str,
+    pod: &PodRef,
+    config: &Value,
+) -> PluginRun {
+    let mut child = node
+        .command(binary)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", &pod.container_id)
+        .env("CNI_NETNS", &pod.netns)
+        .env("CNI_IFNAME", &pod.ifname)
+        .env("CNI_ARGS", pod.cni_args())
+        .env("CNI_PATH", "/opt/cni/bin:/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning the plugin");
+    let input = serde_json::to_vec(config).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&input)
+        .expect("writing the config to the plugin");
+    let out = child.wait_with_output().expect("waiting for the plugin");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    PluginRun {
+        ok: out.status.success(),
+        json: serde_json::from_str(stdout.trim()).ok(),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs the `tortie` binary as a plugin.
+pub fn tortie(node: &Netns, command: &str, pod: &PodRef, config: &Value) -> PluginRun {
+    run_plugin(node, &tortie_binary(), command, pod, config)
+}
+
+/// A conflist entry for tortie, as the runtime hands it to the plugin.
+pub fn tortie_config(run_dir: &Path, version: &str) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": "k8s-pod-network",
+        "type": "tortie",
+        "mtu": 1500,
+        "log_level": "debug",
+        "tortie_run_dir": run_dir.display().to_string(),
+        "dns": { "nameservers": ["10.96.0.10"], "search": ["default.svc.cluster.local"] },
+    })
+}
+
+/// The agent's MTU answer (uplink minus an encapsulation), distinct from the config's 1500
+/// so tests see which one the plugin used.
+pub const AGENT_MTU: u32 = 1480;
+
+#[derive(Default)]
+struct FakeState {
+    next: u32,
+    assigned: BTreeMap<String, Vec<String>>,
+    events: Vec<Value>,
+}
+
+/// The stand-in agent: a unix socket in a private directory, answered by one thread.
+pub struct FakeAgent {
+    dir: PathBuf,
+    state: Arc<Mutex<FakeState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeAgent {
+    pub fn start(ready: bool) -> Result<FakeAgent> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tortie-{}-{}-fakeagent",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let listener = UnixListener::bind(dir.join("tortie.sock"))
+            .with_context(|| format!("binding {}", dir.display()))?;
+        let state = Arc::new(Mutex::new(FakeState {
+            next: 2,
+            ..FakeState::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let state = state.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let state = state.clone();
+                    std::thread::spawn(move || serve(stream, &state, ready));
+                }
+            })
+        };
+        Ok(FakeAgent {
+            dir,
+            state,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The directory to use as `tortie_run_dir`.
+    pub fn run_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every request received with this `op`, in order.
+    pub fn requests(&self, op: &str) -> Vec<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .filter(|e| e["op"] == op)
+            .cloned()
+            .collect()
+    }
+
+    /// Addresses currently held, by container id.
+    pub fn held(&self) -> BTreeMap<String, Vec<String>> {
+        self.state.lock().unwrap().assigned.clone()
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = UnixStream::connect(self.dir.join("tortie.sock"));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn serve(stream: UnixStream, state: &Mutex<FakeState>, ready: bool) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines().take(1000) {
+        let Ok(line) = line else { return };
+        let req: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = writeln!(
+                    writer,
+                    "{}",
+                    json!({"ok": false, "error": format!("bad request: {e}")})
+                );
+                continue;
+            }
+        };
+        let reply = answer(&req, state, ready);
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn answer(req: &Value, state: &Mutex<FakeState>, ready: bool) -> Value {
+    let mut s = state.lock().unwrap();
+    s.events.push(req.clone());
+    let id = req["container_id"].as_str().unwrap_or_default().to_owned();
+    match req["op"].as_str().unwrap_or_default() {
+        "assign" => {
+            if let Some(ips) = s.assigned.get(&id) {
+                return json!({"ok": true, "ips": ips, "mtu": AGENT_MTU});
+            }
+            let n = s.next;
+            s.next += 1;
+            let mut ips = Vec::new();
+            if req["ipv4"] == true {
+                ips.push(format!("10.244.0.{n}"));
+            }
+            if req["ipv6"] == true {
+                ips.push(format!("fd00:244::{n:x}"));
+            }
+            s.assigned.insert(id, ips.clone());
+            json!({"ok": true, "ips": ips, "mtu": AGENT_MTU})
+        }
+        "workload_up" => json!({"ok": true}),
+        "release" => {
+            s.assigned.remove(&id);
+            json!({"ok": true})
+        }
+        "ready" if ready => json!({"ok": true}),
+        "ready" => json!({"ok": false, "error": "tortie agent is not ready yet"}),
+        other => json!({"ok": false, "error": format!("unknown op {other}")}),
+    }
+}
+
+/// Names of the links in `ns` whose name starts with `prefix`.
+pub fn links_named(ns: &Netns, prefix: &str) -> Result<Vec<String>> {
+    let out = ns.run(&["ip", "-o", "link", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect())
+}
+
+/// A sysctl's value inside `ns`.
+pub fn sysctl(ns: &Netns, key: &str) -> Result<String> {
+    let v = ns.run(&["sysctl", "-n", key])?;
+    if v.trim().is_empty() {
+        bail!("sysctl {key} is empty");
+    }
+    Ok(v.trim().to_owned())
+}
+
+/// How long a test waits on the kernel (link-local addresses, neighbour resolution).
+pub const KERNEL_WAIT: Duration = Duration::from_secs(5);
