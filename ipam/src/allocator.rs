@@ -595,6 +595,13 @@ impl<S: Store> Ipam<S> {
         let mut out: Vec<(IpNet, AffinityState)> = affs
             .into_iter()
             .filter(|a| a.spec.node == node)
+            .map(|mut a| {
+                // Calico marks an affinity deleted just before deleting it.
+                if a.spec.deleted == "true" {
+                    a.spec.state = AffinityState::PendingDeletion;
+                }
+                a
+            })
             .filter_map(|a| {
                 let cidr: IpNet = a.spec.cidr.parse().ok()?;
                 (family(&cidr.network()) == fam).then_some((cidr, a.spec.state))
@@ -805,7 +812,12 @@ impl<S: Store> Ipam<S> {
                 // Left over from an earlier attempt of ours (or our create landed despite the
                 // error), or being released: never reuse the latter.
                 match self.store.get::<BlockAffinity>(&aff_name).await {
-                    Ok(a) if a.spec.state == AffinityState::PendingDeletion => return Ok(false),
+                    Ok(a)
+                        if a.spec.state == AffinityState::PendingDeletion
+                            || a.spec.deleted == "true" =>
+                    {
+                        return Ok(false);
+                    }
                     Ok(_) => {}
                     Err(StoreError::NotFound { .. }) if matches!(e, StoreError::Other { .. }) => {
                         return Err(e.into());
@@ -1060,7 +1072,17 @@ impl<S: Store> Ipam<S> {
                 });
             }
             let released = block.spec.release_ordinals(&ordinals);
-            match self.store.update(&block).await {
+            let write = if block.spec.is_empty() && block.spec.affinity.is_none() {
+                // An empty block nobody owns goes away in the same write, as in Calico.
+                let rev = block.metadata.resource_version.clone().unwrap_or_default();
+                self.store
+                    .delete::<IpamBlock>(&name, &rev)
+                    .await
+                    .map(|()| None)
+            } else {
+                self.store.update(&block).await.map(Some)
+            };
+            match write {
                 Ok(stored) => {
                     if !skip_handles {
                         let mut per_handle: BTreeMap<&str, i64> = BTreeMap::new();
@@ -1073,7 +1095,9 @@ impl<S: Store> Ipam<S> {
                             self.adjust_handle(h, cidr, -n).await?;
                         }
                     }
-                    if stored.spec.is_empty() {
+                    if let Some(stored) = stored
+                        && stored.spec.is_empty()
+                    {
                         self.give_up_empty_block(&stored).await?;
                     }
                     return Ok(released

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 /// `apiVersion` of every object in this module.
 pub const API_VERSION: &str = "crd.projectcalico.org/v1";
@@ -393,9 +394,27 @@ pub fn block_name(cidr: &IpNet) -> String {
     cidr_to_name(cidr)
 }
 
-/// Object name of the BlockAffinity of `node` for `cidr`: `<node>-<cidr name>`.
+/// Longest Kubernetes object name.
+const MAX_NAME_LEN: usize = 253;
+
+/// Object name of the BlockAffinity of `node` for `cidr`: `<node>-<cidr name>`. A name that would
+/// reach 253 characters is shortened as Calico does: the node part is cut so that
+/// `-<cidr name>-<11 hex digits of sha256("<node>+<cidr name>")>` fits.
 pub fn affinity_name(node: &str, cidr: &IpNet) -> String {
-    format!("{node}-{}", cidr_to_name(cidr))
+    let cidr_name = cidr_to_name(cidr);
+    let name = format!("{node}-{cidr_name}");
+    if name.len() < MAX_NAME_LEN {
+        return name;
+    }
+    let keep = (MAX_NAME_LEN - 1).saturating_sub(cidr_name.len() + 13);
+    // Node names are DNS subdomains (ASCII), but never split a character whatever arrives.
+    let mut cut = keep.min(node.len());
+    while !node.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let digest = Sha256::digest(format!("{node}+{cidr_name}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{cidr_name}-{}", &node[..cut], &hex[..11])
 }
 
 /// Object name of the IPAMHandle for a handle ID (Kubernetes names are lower case).
@@ -444,6 +463,42 @@ pub fn workload_attributes(
         (attr::NODE.to_string(), node.to_string()),
         (attr::TIMESTAMP.to_string(), timestamp.to_string()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_calico() {
+        let v4: IpNet = "10.244.1.0/26".parse().unwrap();
+        let v6: IpNet = "fd00:10:244::40/122".parse().unwrap();
+        assert_eq!(block_name(&v4), "10-244-1-0-26");
+        assert_eq!(block_name(&v6), "fd00-10-244--40-122");
+        assert_eq!(
+            affinity_name("node-1.example.com", &v4),
+            "node-1.example.com-10-244-1-0-26"
+        );
+        assert_eq!(handle_name("K8s-Pod-Network.ABC"), "k8s-pod-network.abc");
+    }
+
+    #[test]
+    fn overlong_affinity_names_are_cut_and_hashed() {
+        let v4: IpNet = "10.244.1.0/26".parse().unwrap();
+        let node = "n".repeat(300);
+        let name = affinity_name(&node, &v4);
+        assert!(name.len() < 253, "{}", name.len());
+        assert_eq!(name.len(), 252);
+        let (head, hash) = name.rsplit_once('-').unwrap();
+        assert!(head.ends_with("-10-244-1-0-26"));
+        assert_eq!(hash.len(), 11);
+        assert!(hash.chars().all(|c| c.is_ascii_hexdigit()));
+        let other = affinity_name(&format!("{}m", "n".repeat(299)), &v4);
+        assert_ne!(name, other, "the hash keeps long names apart");
+        // Just below the limit nothing changes.
+        let node = "n".repeat(252 - 1 - 13);
+        assert_eq!(affinity_name(&node, &v4), format!("{node}-10-244-1-0-26"));
+    }
 }
 
 /// The address family of an address or network, as 4 or 6.

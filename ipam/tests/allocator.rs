@@ -778,3 +778,80 @@ fn assign_and_release_with_an_affine_block_costs_four_writes() {
         reads(after) - reads(mid)
     );
 }
+
+fn affinity(node: &str, cidr: &str, state: AffinityState) -> BlockAffinity {
+    BlockAffinity::new(
+        tortie_ipam::affinity_name(node, &net(cidr)),
+        tortie_ipam::BlockAffinitySpec {
+            state,
+            node: node.into(),
+            cidr: cidr.into(),
+            deleted: "false".into(),
+            extra: Default::default(),
+        },
+    )
+}
+
+#[test]
+fn interrupted_claims_are_finished_or_dropped_by_the_hosts_next_assignment() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    // A claim that got as far as the block, and one that only wrote its pending affinity.
+    store.put(&new_block(net("10.0.0.64/26"), Some("n1")));
+    store.put(&affinity("n1", "10.0.0.64/26", AffinityState::Pending));
+    store.put(&affinity("n1", "10.0.0.128/26", AffinityState::Pending));
+    assert!(
+        run_unchecked(ipam.host_blocks("n1")).is_empty(),
+        "pending is not advertised"
+    );
+
+    let got = run(&store, ipam.auto_assign(&req("h", "n1", 1, 0))).unwrap();
+    assert!(
+        net("10.0.0.64/26").contains(&got.ipv4[0]),
+        "the finished claim is used"
+    );
+    let affs = affinities_of(&store, "n1");
+    assert_eq!(affs.len(), 1, "{affs:#?}");
+    assert_eq!(affs[0].spec.state, AffinityState::Confirmed);
+    assert_eq!(
+        run(&store, ipam.host_blocks("n1")).unwrap(),
+        vec![net("10.0.0.64/26")]
+    );
+}
+
+#[test]
+fn blocks_and_handles_calico_marked_deleted_are_treated_as_going_away() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/25", 26)], Some(config(true, 5)));
+    let mut dying = new_block(net("10.0.0.0/26"), Some("n1"));
+    dying.spec.deleted = Some(true);
+    store.put(&dying);
+    store.put(&affinity("n1", "10.0.0.0/26", AffinityState::Confirmed));
+    let mut stale = IpamHandle::new(
+        "h",
+        tortie_ipam::IpamHandleSpec {
+            handle_id: "h".into(),
+            block: [("10.0.0.0/26".to_string(), 1)].into(),
+            deleted: Some(true),
+            extra: Default::default(),
+        },
+    );
+    stale.metadata.labels = None;
+    store.put(&stale);
+
+    let got = block_on(ipam.auto_assign(&req("h", "n1", 1, 0))).unwrap();
+    assert!(
+        net("10.0.0.64/26").contains(&got.ipv4[0]),
+        "a block marked deleted is neither assigned from nor re-created"
+    );
+    let handles = store.snapshot::<IpamHandle>();
+    assert_eq!(handles.len(), 1);
+    assert_eq!(
+        handles[0].spec.deleted, None,
+        "the marked handle was replaced"
+    );
+    assert_eq!(handles[0].spec.block.len(), 1);
+    assert!(handles[0].spec.block.contains_key("10.0.0.64/26"));
+}
+
+fn run_unchecked<T>(fut: impl Future<Output = Result<T, IpamError>>) -> T {
+    block_on(fut).unwrap()
+}
