@@ -465,6 +465,14 @@ pub fn workload_attributes(
     ])
 }
 
+/// The address family of an address or network, as 4 or 6.
+pub(crate) fn family(addr: &IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 4,
+        IpAddr::V6(_) => 6,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,13 +506,5 @@ mod tests {
         // Just below the limit nothing changes.
         let node = "n".repeat(252 - 1 - 13);
         assert_eq!(affinity_name(&node, &v4), format!("{node}-10-244-1-0-26"));
-    }
-}
-
-/// The address family of an address or network, as 4 or 6.
-pub(crate) fn family(addr: &IpAddr) -> u8 {
-    match addr {
-        IpAddr::V4(_) => 4,
-        IpAddr::V6(_) => 6,
     }
 }
