@@ -150,8 +150,8 @@ fn print_status(s: &serde_json::Value) {
     );
     println!("\nBGP peers:");
     println!(
-        "  {:<40} {:<8} {:<12} {:<22} {}",
-        "PEER", "AS", "STATE", "SINCE", "PREFIXES"
+        "  {:<40} {:<8} {:<12} {:<22} PREFIXES",
+        "PEER", "AS", "STATE", "SINCE"
     );
     for p in s["peers"].as_array().into_iter().flatten() {
         println!(
