@@ -11,7 +11,8 @@
 //!   [`affinity_name`], [`handle_name`]; handles via [`pod_handle_id`], [`TunnelKind::handle_id`];
 //!   attributes via [`workload_attributes`] and [`attr`].
 //! - Pools: [`validate_pools`] → [`PoolSet`] of [`Pool`]s (Calico's defaults applied) and
-//!   [`PoolError`]s naming pool and field; [`Selector`] parses and evaluates `nodeSelector`.
+//!   [`PoolError`]s naming pool and field; [`Selector`] parses and evaluates `nodeSelector`;
+//!   [`PoolSet::usage`] gives [`PoolUsage`] (blocks, addresses in use and free) for metrics.
 //! - Store: [`Store`] (async, CAS, with a `backoff` hook), [`StoreError`], [`MemoryStore`] with
 //!   [`Faults`] (injected conflicts, forced task switches) and [`StoreStats`].
 //! - Allocator: [`Ipam`] — [`Ipam::auto_assign`], [`Ipam::assign_ip`], [`Ipam::release_by_handle`],
@@ -69,6 +70,6 @@ pub use model::{
     IpamHandle, IpamHandleSpec, LegacyIpip, ObjectMeta, Resource, affinity_name, attr, block_name,
     cidr_to_name, handle_name, host_affinity, pod_handle_id, workload_attributes,
 };
-pub use pool::{AllowedUse, EncapMode, Pool, PoolError, PoolSet, validate_pools};
+pub use pool::{AllowedUse, EncapMode, Pool, PoolError, PoolSet, PoolUsage, validate_pools};
 pub use selector::{Selector, SelectorError};
 pub use store::{Faults, MemoryStore, Store, StoreError, StoreStats};

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::IpPool;
+use crate::model::{IpPool, IpamBlock};
 use crate::selector::Selector;
 
 /// When a pool's traffic is encapsulated (IPIP or VXLAN).
@@ -91,10 +91,64 @@ pub struct PoolSet {
     pub invalid: Vec<PoolError>,
 }
 
+/// Address accounting of one pool, for metrics and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Pool name.
+    pub pool: String,
+    /// Pool CIDR.
+    pub cidr: IpNet,
+    /// Blocks carved out of the pool so far.
+    pub blocks: u64,
+    /// Addresses allocated.
+    pub in_use: u64,
+    /// Free addresses inside existing blocks.
+    pub free_in_blocks: u64,
+    /// Addresses in the pool not yet in any block (saturating for huge IPv6 pools).
+    pub unclaimed: u64,
+}
+
 impl PoolSet {
     /// The valid pool whose CIDR contains `addr`, enabled or not.
     pub fn containing(&self, addr: IpAddr) -> Option<&Pool> {
         self.valid.iter().find(|p| p.cidr.contains(&addr))
+    }
+
+    /// Per-pool address accounting from the current blocks (pure; the caller supplies the list).
+    pub fn usage(&self, blocks: &[IpamBlock]) -> Vec<PoolUsage> {
+        self.valid
+            .iter()
+            .map(|p| {
+                let mut u = PoolUsage {
+                    pool: p.name.clone(),
+                    cidr: p.cidr,
+                    blocks: 0,
+                    in_use: 0,
+                    free_in_blocks: 0,
+                    unclaimed: 0,
+                };
+                let mut block_addresses: u128 = 0;
+                for b in blocks {
+                    let Some(cidr) = b.spec.parsed_cidr() else {
+                        continue;
+                    };
+                    if !p.cidr.contains(&cidr.network()) {
+                        continue;
+                    }
+                    u.blocks += 1;
+                    let free = b.spec.free_count() as u64;
+                    u.free_in_blocks += free;
+                    u.in_use +=
+                        b.spec.allocations.len() as u64 - free.min(b.spec.allocations.len() as u64);
+                    block_addresses += b.spec.allocations.len() as u128;
+                }
+                let host_bits = u32::from(p.cidr.max_prefix_len() - p.cidr.prefix_len());
+                let size = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+                u.unclaimed =
+                    u64::try_from(size.saturating_sub(block_addresses)).unwrap_or(u64::MAX);
+                u
+            })
+            .collect()
     }
 }
 
@@ -470,6 +524,29 @@ mod tests {
         .unwrap();
         assert_eq!(p.ipip_mode, EncapMode::CrossSubnet);
         assert!(p.nat_outgoing);
+    }
+
+    #[test]
+    fn usage_counts_blocks_allocations_and_unclaimed_space() {
+        let set = validate_pools(&[pool("a", "10.0.0.0/24"), pool("b", "fd00::/64")]);
+        let mut b1 = crate::block::new_block("10.0.0.0/26".parse().unwrap(), Some("n1"));
+        b1.spec.assign(3, "h", &Default::default());
+        let b2 = crate::block::new_block("10.0.0.64/26".parse().unwrap(), None);
+        let elsewhere = crate::block::new_block("10.9.0.0/26".parse().unwrap(), None);
+        let usage = set.usage(&[b1, b2, elsewhere]);
+        assert_eq!(
+            usage[0],
+            PoolUsage {
+                pool: "a".into(),
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                blocks: 2,
+                in_use: 3,
+                free_in_blocks: 125,
+                unclaimed: 128,
+            }
+        );
+        assert_eq!(usage[1].blocks, 0);
+        assert_eq!(usage[1].unclaimed, u64::MAX, "2^64 saturates");
     }
 
     #[test]
