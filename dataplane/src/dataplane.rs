@@ -21,6 +21,15 @@ use crate::socket::SocketError;
 const MONITOR_BATCH: usize = 4096;
 /// After a failed dump (kernel busy, namespace going away) the loop waits this long.
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between retries of writes the kernel keeps refusing.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// 0.5 s, 1 s, 2 s, … up to [`MAX_RETRY_DELAY`].
+fn retry_delay(streak: u32) -> Duration {
+    RETRY_AFTER_FAILURE
+        .saturating_mul(1u32 << streak.min(16))
+        .min(MAX_RETRY_DELAY)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -169,6 +178,8 @@ impl Worker {
         let mut have_inputs = false;
         let mut next_periodic = Instant::now() + self.config.resync_interval;
         let mut retry_at: Option<Instant> = None;
+        let mut resync_not_before: Option<Instant> = None;
+        let mut failure_streak: u32 = 0;
         let mut applied_generation = 0;
         let mut pending_generation = 0;
         loop {
@@ -219,15 +230,17 @@ impl Worker {
                 retry_at = None;
                 dirty = true;
             }
-            if need_resync {
+            let resync_allowed = resync_not_before.is_none_or(|t| now >= t);
+            if need_resync && resync_allowed {
                 match self.reconciler.resync() {
                     Ok(()) => {
                         need_resync = false;
+                        resync_not_before = None;
                         dirty = true;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "resync failed");
-                        retry_at = Some(now + RESYNC_RETRY);
+                        tracing::warn!(error = %e, "resync failed; retrying in {RESYNC_RETRY:?}");
+                        resync_not_before = Some(now + RESYNC_RETRY);
                     }
                 }
             }
@@ -236,19 +249,32 @@ impl Worker {
                 match self.reconciler.reconcile() {
                     Ok(report) => {
                         applied_generation = pending_generation;
-                        if !report.failures.is_empty() {
-                            retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                        if report.failures.is_empty() {
+                            failure_streak = 0;
+                        } else {
+                            // Refused writes are retried, ever less often; kernel events
+                            // (a link appearing, a route removed) still trigger a pass at once.
+                            let delay = retry_delay(failure_streak);
+                            failure_streak = failure_streak.saturating_add(1);
+                            retry_at = Some(Instant::now() + delay);
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reconcile failed; resyncing");
                         need_resync = true;
-                        retry_at = Some(Instant::now() + RESYNC_RETRY);
+                        resync_not_before = Some(Instant::now() + RESYNC_RETRY);
                     }
                 }
             }
             self.publish_counters(applied_generation);
-            self.wait(next_periodic, retry_at, dirty && have_inputs);
+            let runnable = (dirty && have_inputs && !need_resync)
+                || (need_resync && resync_not_before.is_none_or(|t| Instant::now() >= t));
+            let deadline = [Some(next_periodic), retry_at, resync_not_before]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(next_periodic);
+            self.wait(deadline, runnable);
         }
     }
 
@@ -276,14 +302,13 @@ impl Worker {
         out.generation_applied = generation;
     }
 
-    /// Sleeps until the monitor or the handle has something, or the next deadline.
-    fn wait(&self, next_periodic: Instant, retry_at: Option<Instant>, busy: bool) {
-        let now = Instant::now();
-        let deadline = retry_at.map_or(next_periodic, |r| r.min(next_periodic));
-        let timeout = if busy {
+    /// Sleeps until the monitor or the handle has something, or `deadline`; does not sleep
+    /// when work is already runnable.
+    fn wait(&self, deadline: Instant, runnable: bool) {
+        let timeout = if runnable {
             Duration::ZERO
         } else {
-            deadline.saturating_duration_since(now)
+            deadline.saturating_duration_since(Instant::now())
         };
         let mut fds = [
             libc::pollfd {
@@ -311,5 +336,18 @@ impl Worker {
                 )
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_from_half_a_second_up_to_thirty() {
+        assert_eq!(retry_delay(0), Duration::from_millis(500));
+        assert_eq!(retry_delay(1), Duration::from_secs(1));
+        assert_eq!(retry_delay(3), Duration::from_secs(4));
+        assert_eq!(retry_delay(40), MAX_RETRY_DELAY);
     }
 }

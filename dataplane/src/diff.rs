@@ -107,6 +107,23 @@ pub enum DeviceOp {
     Delete {
         name: String,
     },
+    /// Take down a device that cannot be deleted (the ipip module's fallback `tunl0`).
+    Disable {
+        name: String,
+    },
+}
+
+impl DeviceOp {
+    /// The device the operation is about.
+    pub fn name(&self) -> &str {
+        match self {
+            DeviceOp::Create(spec) | DeviceOp::Configure(spec) => spec.name(),
+            DeviceOp::AddAddress { name, .. }
+            | DeviceOp::DelAddress { name, .. }
+            | DeviceOp::Delete { name }
+            | DeviceOp::Disable { name } => name,
+        }
+    }
 }
 
 /// How a route write is sent.
@@ -225,7 +242,23 @@ pub fn diff_devices(
     if complete {
         for name in owned_names {
             let wanted = desired.devices.iter().any(|d| d.name() == *name);
-            if !wanted && actual.link(name).is_some() {
+            let Some(link) = actual.link(name).filter(|_| !wanted) else {
+                continue;
+            };
+            if link.kind.as_deref() == Some("ipip") && *name == "tunl0" {
+                // The fallback device lives as long as the module: strip and disable it.
+                for addr in actual.addrs.get(&link.index).into_iter().flatten() {
+                    ops.push(DeviceOp::DelAddress {
+                        name: (*name).into(),
+                        addr: *addr,
+                    });
+                }
+                if link.up {
+                    ops.push(DeviceOp::Disable {
+                        name: (*name).into(),
+                    });
+                }
+            } else {
                 ops.push(DeviceOp::Delete {
                     name: (*name).into(),
                 });
@@ -439,6 +472,28 @@ mod tests {
             vec![DeviceOp::Delete {
                 name: "tunl0".into()
             }]
+        );
+    }
+
+    #[test]
+    fn unneeded_fallback_tunl0_is_stripped_and_disabled_not_deleted() {
+        let d = DesiredState::default();
+        let mut a = actual_with(&[]);
+        let mut tunl = link(3, "tunl0");
+        tunl.kind = Some("ipip".into());
+        a.insert_link(tunl);
+        a.addrs.insert(3, [net("192.168.1.1/32")].into());
+        assert_eq!(
+            diff_devices(&d, &a, &["tunl0"], true),
+            vec![
+                DeviceOp::DelAddress {
+                    name: "tunl0".into(),
+                    addr: net("192.168.1.1/32")
+                },
+                DeviceOp::Disable {
+                    name: "tunl0".into()
+                }
+            ]
         );
     }
 

@@ -349,6 +349,10 @@ impl Reconciler {
                     }
                     self.actual.displaced.remove(&route.dst);
                     if self.actual.routes.get(&route.dst) != wanted {
+                        if wanted.is_some() {
+                            // Somebody removed or changed a route tortie wants: count the repair.
+                            self.counters.routes_restored += 1;
+                        }
                         return EventEffect::Reconcile;
                     }
                 } else if added && wanted.is_some() {
@@ -362,6 +366,7 @@ impl Reconciler {
                         && self.actual.routes.remove(&route.dst).is_some()
                     {
                         self.actual.displaced.insert(route.dst);
+                        self.counters.routes_restored += 1;
                         return EventEffect::Reconcile;
                     }
                 }
@@ -474,9 +479,11 @@ impl Reconciler {
         let owned = self.owned_device_names().map(str::to_owned);
         let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
         let device_ops = diff_devices(&self.desired, &self.actual, &owned, self.complete);
+        // Work on wanted devices (including a delete that is half of a recreate) goes before
+        // the routes; tearing down an unwanted one goes after, once no route uses it.
         let (creates, deletes): (Vec<_>, Vec<_>) = device_ops
             .into_iter()
-            .partition(|op| !matches!(op, DeviceOp::Delete { .. }) || self.desired_has_device(op));
+            .partition(|op| self.desired.devices.iter().any(|d| d.name() == op.name()));
         if !creates.is_empty() {
             self.apply_device_ops(creates, &mut report)?;
         }
@@ -499,14 +506,6 @@ impl Reconciler {
         }
         self.in_sync = report.failures.is_empty() && report.waiting == 0;
         Ok(report)
-    }
-
-    /// Device deletes that are part of a recreate run with the creates, before routes.
-    fn desired_has_device(&self, op: &DeviceOp) -> bool {
-        match op {
-            DeviceOp::Delete { name } => self.desired.devices.iter().any(|d| d.name() == name),
-            _ => true,
-        }
     }
 
     /// Recomputes `routes_by_kind` from the desired routes present in the view.
@@ -654,9 +653,7 @@ impl Reconciler {
                         if self.actual.adoptable.remove(&w.dst).is_some() {
                             self.counters.routes_adopted += 1;
                         }
-                        if self.actual.displaced.remove(&w.dst) {
-                            self.counters.routes_restored += 1;
-                        }
+                        self.actual.displaced.remove(&w.dst);
                         self.actual.routes.insert(w.dst, w.target);
                     }
                     Some(nack) => {
@@ -818,20 +815,15 @@ impl Reconciler {
                     let r = self
                         .socket
                         .request(RouteNetlinkMessage::DelLink(link_delete_message(i)), 0);
-                    let r = match r {
-                        // The ipip fallback device cannot be deleted: take it down instead.
-                        Err(_) if name == &self.config.ipip_device => self.socket.request(
-                            RouteNetlinkMessage::SetLink(link_set_message(
-                                i,
-                                self.actual.links.get(&i).map_or(1480, |l| l.mtu),
-                                None,
-                                false,
-                            )),
-                            0,
-                        ),
-                        other => other,
-                    };
                     ("delete", format!("device {name}"), r)
+                }
+                DeviceOp::Disable { name } => {
+                    let Some(link) = self.actual.link(name) else {
+                        continue;
+                    };
+                    let msg = link_set_message(link.index, link.mtu, None, false);
+                    let r = self.socket.request(RouteNetlinkMessage::SetLink(msg), 0);
+                    ("disable", format!("device {name}"), r)
                 }
             };
             match result {

@@ -79,6 +79,8 @@ pub struct Request {
 /// A blocking NETLINK_ROUTE socket for bulk work.
 pub struct BatchSocket {
     socket: Socket,
+    /// Requests per `sendmsg`, sized so their ACKs fit the receive buffer we actually got.
+    max_batch: usize,
     seq: u32,
     send_buf: Vec<u8>,
     ack_buf: Vec<u8>,
@@ -119,8 +121,12 @@ impl BatchSocket {
         set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
         set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 1 << 20);
         set_recv_timeout(fd, RECV_TIMEOUT).map_err(io_err("SO_RCVTIMEO"))?;
+        // Each queued ACK costs about 1 KiB of receive buffer (skb overhead included).
+        let rcvbuf = socket.get_rx_buf_sz().map_err(io_err("SO_RCVBUF"))?;
+        let max_batch = (rcvbuf / 1024).clamp(32, MAX_BATCH_MESSAGES);
         Ok(BatchSocket {
             socket,
+            max_batch,
             seq: 1,
             send_buf: Vec::with_capacity(MAX_BATCH_BYTES + 4096),
             ack_buf: vec![0; ACK_SLOT * MAX_BATCH_MESSAGES],
@@ -147,7 +153,7 @@ impl BatchSocket {
             let first_index = results.len();
             let first_seq = self.seq.wrapping_add(1).max(1);
             let mut count = 0usize;
-            while count < MAX_BATCH_MESSAGES && self.send_buf.len() < MAX_BATCH_BYTES {
+            while count < self.max_batch && self.send_buf.len() < MAX_BATCH_BYTES {
                 let Some(request) = requests.next() else {
                     break;
                 };

@@ -99,6 +99,7 @@ fn deleted_or_changed_routes_are_restored_within_a_second() {
     );
     let c = dp.counters();
     assert!(c.failures_by_errno.is_empty(), "{c:?}");
+    assert!(c.routes_restored >= 5, "five repairs counted: {c:?}");
 }
 
 #[test]
