@@ -10,6 +10,10 @@
 //!
 //! All of tortie's routes live in the main table with route protocol
 //! [`DEFAULT_ROUTE_PROTOCOL`] (84) unless [`Config::route_protocol`] says otherwise.
+//!
+//! The agent needs only [`Dataplane`], [`Config`], [`Inputs`] (and its parts) and
+//! [`Counters`]; the lower modules are public for the benchmark, the kernel tests and the CNI
+//! code. See `dataplane/README.md` for the rules the reconciler follows.
 
 pub mod dataplane;
 pub mod desired;
