@@ -312,6 +312,7 @@ struct Inner {
     peers: Mutex<HashMap<IpAddr, PeerHandle>>,
     refused: AtomicU64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    started: tokio::time::Instant,
 }
 
 impl Drop for Inner {
@@ -400,6 +401,7 @@ impl Speaker {
             peers: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
             tasks: Mutex::new(vec![rib_task]),
+            started: tokio::time::Instant::now(),
         });
         if let Some(listener) = listener {
             let weak = Arc::downgrade(&inner);
@@ -463,6 +465,14 @@ impl Speaker {
             rib: self.inner.rib.clone(),
             commands: cmd_rx,
             routes: out_rx,
+            restart_window_end: self.inner.started
+                + Duration::from_secs(
+                    self.inner
+                        .config
+                        .graceful_restart
+                        .as_ref()
+                        .map_or(0, |gr| gr.restart_time.into()),
+                ),
         }));
         debug!(peer = %peer.address, "bgp peer added");
         peers.insert(

@@ -37,6 +37,8 @@ pub(crate) struct SessionParams {
     pub rib: mpsc::UnboundedSender<RibCmd>,
     pub commands: mpsc::UnboundedReceiver<PeerCmd>,
     pub routes: mpsc::UnboundedReceiver<PeerOut>,
+    /// Until then, OPENs carry the graceful-restart Restart State bit (if configured).
+    pub restart_window_end: Instant,
 }
 
 /// Free space ensured before each read: small, so idle sessions stay cheap (the buffer
@@ -92,6 +94,7 @@ struct Session {
     /// Peer's graceful restart capability on the current session (for the helper role).
     peer_gr: Option<GracefulRestart>,
     ctx: DecodeContext,
+    restart_window_end: Instant,
 }
 
 enum Wake {
@@ -138,7 +141,12 @@ pub(crate) async fn run(params: SessionParams) {
     run_inner(params).instrument(span).await
 }
 
-fn fsm_config(peer: &PeerConfig, speaker: &SpeakerConfig, passive: bool) -> FsmConfig {
+fn fsm_config(
+    peer: &PeerConfig,
+    speaker: &SpeakerConfig,
+    passive: bool,
+    restarting: bool,
+) -> FsmConfig {
     let mut capabilities = vec![
         Capability::MultiProtocol {
             afi: Afi::Ipv4.code(),
@@ -152,7 +160,7 @@ fn fsm_config(peer: &PeerConfig, speaker: &SpeakerConfig, passive: bool) -> FsmC
     ];
     if let Some(gr) = &speaker.graceful_restart {
         capabilities.push(Capability::GracefulRestart(GracefulRestart {
-            restart_state: gr.restarting,
+            restart_state: restarting,
             notification: false,
             restart_time: gr.restart_time,
             families: [Afi::Ipv4, Afi::Ipv6]
@@ -184,9 +192,14 @@ async fn run_inner(params: SessionParams) {
         rib,
         mut commands,
         mut routes,
+        restart_window_end,
     } = params;
     let (connect_tx, mut connect_rx) = mpsc::unbounded_channel();
-    let fsm = Fsm::new(fsm_config(&peer, &speaker, peer.passive));
+    let restarting = speaker
+        .graceful_restart
+        .as_ref()
+        .is_some_and(|gr| gr.restarting);
+    let fsm = Fsm::new(fsm_config(&peer, &speaker, peer.passive, restarting));
     let mut s = Session {
         peer,
         speaker,
@@ -203,6 +216,7 @@ async fn run_inner(params: SessionParams) {
         removed: false,
         peer_gr: None,
         ctx: DecodeContext::default(),
+        restart_window_end,
     };
     let start = if s.peer.passive {
         Event::ManualStart_with_PassiveTcpEstablishment
@@ -249,6 +263,18 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Session {
+    /// A fresh FSM for a new connection attempt. The Restart State bit is only announced
+    /// while the restart window after start-up lasts (RFC 4724 §3).
+    fn new_fsm(&self, passive: bool) -> Fsm {
+        let restarting = self
+            .speaker
+            .graceful_restart
+            .as_ref()
+            .is_some_and(|gr| gr.restarting)
+            && Instant::now() < self.restart_window_end;
+        Fsm::new(fsm_config(&self.peer, &self.speaker, passive, restarting))
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         self.timers
             .iter()
@@ -269,6 +295,7 @@ impl Session {
         }
         if self.idle_restart.is_some_and(|t| t <= now) {
             self.idle_restart = None;
+            self.fsm = self.new_fsm(self.peer.passive);
             let event = if self.peer.passive {
                 Event::AutomaticStart_with_PassiveTcpEstablishment
             } else {
@@ -396,6 +423,7 @@ impl Session {
                 }
                 if self.fsm.state() == State::Idle {
                     self.idle_restart = None;
+                    self.fsm = self.new_fsm(self.peer.passive);
                     self.feed(Event::AutomaticStart_with_PassiveTcpEstablishment)
                         .await;
                 }
@@ -409,7 +437,7 @@ impl Session {
                 if self.secondary.is_some() {
                     return;
                 }
-                let mut fsm = Fsm::new(fsm_config(&self.peer, &self.speaker, true));
+                let mut fsm = self.new_fsm(true);
                 fsm.on_event(Event::ManualStart_with_PassiveTcpEstablishment);
                 let mut sec = Secondary {
                     conn,
@@ -427,6 +455,7 @@ impl Session {
                     info!("bgp peer reconnected while established: treating as graceful restart");
                     self.feed(Event::TcpConnectionFails).await;
                     self.idle_restart = None;
+                    self.fsm = self.new_fsm(self.peer.passive);
                     self.feed(Event::AutomaticStart_with_PassiveTcpEstablishment)
                         .await;
                     self.ctx = DecodeContext::default();
