@@ -21,6 +21,44 @@
 //! - Leak collection: [`LeakCollector`] fed with [`LiveState`] and the current time.
 //! - Block checks: [`IpamBlockSpec::check_invariants`].
 //!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use tortie_ipam::{
+//!     AutoAssignRequest, IpPool, IpPoolSpec, Ipam, MemoryStore, pod_handle_id, workload_attributes,
+//! };
+//!
+//! # fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+//! #     let mut fut = std::pin::pin!(fut);
+//! #     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+//! #     for _ in 0..1_000_000 {
+//! #         if let std::task::Poll::Ready(v) = fut.as_mut().poll(&mut cx) { return v; }
+//! #     }
+//! #     panic!("the in-memory store never blocks");
+//! # }
+//! let store = Arc::new(MemoryStore::new());
+//! store.put(&IpPool::new("default-ipv4-ippool", IpPoolSpec {
+//!     cidr: "10.244.0.0/16".into(),
+//!     ..IpPoolSpec::default()
+//! }));
+//! let ipam = Ipam::new(store.clone());
+//!
+//! let handle = pod_handle_id("3f2a9c1d7e");
+//! let request = AutoAssignRequest {
+//!     handle_id: handle.clone(),
+//!     attributes: workload_attributes("default", "web-0", "node-1", "2026-11-28 04:00:00 +0000 UTC"),
+//!     node: "node-1".into(),
+//!     num_v4: 1,
+//!     ..AutoAssignRequest::default()
+//! };
+//! let assigned = block_on(ipam.auto_assign(&request)).unwrap();
+//! assert_eq!(block_on(ipam.ips_by_handle(&handle)).unwrap(), assigned.ipv4);
+//! // node-1 now owns a /26 (the default block size) that it advertises over BGP.
+//! let blocks = block_on(ipam.host_blocks("node-1")).unwrap();
+//! assert!(blocks[0].contains(&assigned.ipv4[0]));
+//! assert_eq!(block_on(ipam.release_by_handle(&handle)).unwrap(), assigned.ipv4);
+//! ```
+//!
 //! # Design choices
 //! - **Async store, generic not `dyn`.** The agent is tokio + kube-rs, so [`Store`] methods return
 //!   `impl Future + Send` (an implementation writes plain `async fn`) and every [`Ipam`] future is
@@ -49,6 +87,8 @@
 //! an auto-assignment is all-or-nothing; the deprecated `ipip`/`nat-outgoing` fields are honoured
 //! when the v3 fields are absent; the leak collector also releases the IPAM of nodes gone for the
 //! grace period.
+
+#![warn(missing_docs)]
 
 mod allocator;
 mod block;
