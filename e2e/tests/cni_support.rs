@@ -2,7 +2,7 @@
 //! runs a CNI plugin, and a stand-in for the node agent's local API socket.
 //!
 //! The stand-in speaks the agent's JSON-lines protocol (`assign`, `workload_up`, `release`,
-//! `ready`) and hands out addresses from 10.244.0.0/24 and fd00:244::/64; it replaces the agent
+//! `ready`) and hands out addresses from 10.244.0.0/16 and fd00:244::/64; it replaces the agent
 //! (which needs an API server), not the kernel: everything the plugin does to interfaces is real.
 #![allow(dead_code)] // each test file uses a different part of this module
 
@@ -95,6 +95,11 @@ pub struct PodRef {
 
 impl PodRef {
     pub fn new(pod_ns: &Netns, name: &str) -> PodRef {
+        PodRef::in_netns_named(pod_ns.name(), name)
+    }
+
+    /// A pod whose network namespace is `/var/run/netns/<netns_name>`.
+    pub fn in_netns_named(netns_name: &str, name: &str) -> PodRef {
         static N: AtomicU32 = AtomicU32::new(0);
         PodRef {
             container_id: format!(
@@ -104,7 +109,7 @@ impl PodRef {
             ),
             namespace: "default".into(),
             name: name.into(),
-            netns: format!("/var/run/netns/{}", pod_ns.name()),
+            netns: format!("/var/run/netns/{netns_name}"),
             ifname: "eth0".into(),
         }
     }
@@ -319,7 +324,7 @@ fn answer(req: &Value, state: &Mutex<FakeState>, ready: bool) -> Value {
             s.next += 1;
             let mut ips = Vec::new();
             if req["ipv4"] == true {
-                ips.push(format!("10.244.0.{n}"));
+                ips.push(format!("10.244.{}.{}", n >> 8, n & 0xff));
             }
             if req["ipv6"] == true {
                 ips.push(format!("fd00:244::{n:x}"));

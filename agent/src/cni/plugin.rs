@@ -182,6 +182,19 @@ impl AgentClient {
 
     fn call(&self, what: &str, req: &Request, timeout: Duration) -> Result<Reply, CniError> {
         let reply = local_api::call(&self.socket, req, timeout).map_err(|e| {
+            // An I/O failure (no socket, refused, timed out) is transient; anything else is a
+            // reply this plugin cannot read.
+            if e.root_cause().downcast_ref::<std::io::Error>().is_none() {
+                return CniError::new(
+                    ErrorCode::AgentRefused,
+                    format!(
+                        "{what}: the tortie agent at {} sent a reply this plugin cannot read; \
+                         are the agent and /opt/cni/bin/tortie from the same release?",
+                        self.socket.display()
+                    ),
+                    format!("{e:#}"),
+                );
+            }
             CniError::new(
                 ErrorCode::TryAgainLater,
                 format!(
