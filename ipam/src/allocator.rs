@@ -755,19 +755,36 @@ impl<S: Store> Ipam<S> {
         Err(self.too_many::<IpamHandle>(&name))
     }
 
+    /// Completes a deletion Calico started (block marked `deleted`) if the block is empty, so its
+    /// CIDR can be claimed again.
+    async fn finish_block_deletion(&self, block: &IpamBlock) -> Result<(), IpamError> {
+        if !block.spec.is_empty() {
+            warn!(block = %block.metadata.name, "block marked deleted still has allocations; leaving it");
+            return Ok(());
+        }
+        let rev = block.metadata.resource_version.clone().unwrap_or_default();
+        match self
+            .store
+            .delete::<IpamBlock>(&block.metadata.name, &rev)
+            .await
+        {
+            Ok(()) | Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Finds an unclaimed block in the pools and claims it for `node`.
     async fn claim_new_block(
         &self,
         pools: &[&Pool],
         node: &str,
     ) -> Result<Option<IpNet>, IpamError> {
-        let existing: HashSet<IpNet> = self
-            .store
-            .list::<IpamBlock>()
-            .await?
-            .iter()
-            .filter_map(|b| b.spec.parsed_cidr())
-            .collect();
+        let blocks = self.store.list::<IpamBlock>().await?;
+        for dying in blocks.iter().filter(|b| b.spec.is_deleted()) {
+            self.finish_block_deletion(dying).await?;
+        }
+        // Blocks whose deletion just finished are still treated as taken until the next pass.
+        let existing: HashSet<IpNet> = blocks.iter().filter_map(|b| b.spec.parsed_cidr()).collect();
         for pool in pools {
             let candidates = CandidateBlocks::new(pool, node);
             let known_in_pool = existing
@@ -934,7 +951,8 @@ impl<S: Store> Ipam<S> {
         for attempt in 0..self.retry.max_attempts {
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
-                Ok(_) => {
+                Ok(dying) => {
+                    self.finish_block_deletion(&dying).await?;
                     self.pause(attempt).await;
                     continue;
                 }
@@ -1368,7 +1386,8 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Ensures the node has a tunnel address of this kind from a pool with that encapsulation
-    /// enabled (IPv4), reusing its current one when still valid. Returns `None` (after releasing
+    /// enabled (IPv4) that selects the node, reusing its current one when still valid (also in a
+    /// pool disabled since). Returns `None` (after releasing
     /// any old address) when no pool for this node enables it.
     pub async fn ensure_tunnel_address(
         &self,
@@ -1378,17 +1397,28 @@ impl<S: Store> Ipam<S> {
     ) -> Result<Option<IpAddr>, IpamError> {
         let handle_id = kind.handle_id(node);
         let pools = self.pools().await?;
+        // A current address stays valid in a pool that was disabled since (existing assignments
+        // survive disabling); a new one only comes from an enabled pool.
+        let suitable = |p: &&Pool| {
+            p.family() == 4
+                && kind.pool_enables(p)
+                && p.allowed_uses.contains(&AllowedUse::Tunnel)
+                && p.node_selector.matches(node_labels)
+        };
         let usable: Vec<&Pool> = pools
             .valid
             .iter()
-            .filter(|p| p.family() == 4 && kind.pool_enables(p))
-            .filter(|p| p.usable_for(AllowedUse::Tunnel, node_labels))
+            .filter(suitable)
+            .filter(|p| !p.disabled)
             .collect();
         let current = self.ips_by_handle(&handle_id).await?;
-        if let Some(ip) = current
-            .iter()
-            .find(|ip| usable.iter().any(|p| p.cidr.contains(*ip)))
-        {
+        if let Some(ip) = current.iter().find(|ip| {
+            pools
+                .valid
+                .iter()
+                .filter(suitable)
+                .any(|p| p.cidr.contains(*ip))
+        }) {
             return Ok(Some(*ip));
         }
         if !current.is_empty() {

@@ -824,7 +824,12 @@ fn blocks_and_handles_calico_marked_deleted_are_treated_as_going_away() {
     let mut dying = new_block(net("10.0.0.0/26"), Some("n1"));
     dying.spec.deleted = Some(true);
     store.put(&dying);
-    store.put(&affinity("n1", "10.0.0.0/26", AffinityState::Confirmed));
+    // Calico releases an affinity by marking it first, then the block, then deleting both.
+    store.put(&affinity(
+        "n1",
+        "10.0.0.0/26",
+        AffinityState::PendingDeletion,
+    ));
     let mut stale = IpamHandle::new(
         "h",
         tortie_ipam::IpamHandleSpec {
@@ -837,10 +842,22 @@ fn blocks_and_handles_calico_marked_deleted_are_treated_as_going_away() {
     stale.metadata.labels = None;
     store.put(&stale);
 
-    let got = block_on(ipam.auto_assign(&req("h", "n1", 1, 0))).unwrap();
+    let got = run(&store, ipam.auto_assign(&req("h", "n1", 1, 0))).unwrap();
     assert!(
-        net("10.0.0.64/26").contains(&got.ipv4[0]),
-        "a block marked deleted is neither assigned from nor re-created"
+        net("10.0.0.0/25").contains(&got.ipv4[0]),
+        "assigned from a fresh block"
+    );
+    assert_eq!(
+        affinities_of(&store, "n1").len(),
+        1,
+        "the interrupted release was finished"
+    );
+    assert!(
+        store
+            .snapshot::<IpamBlock>()
+            .iter()
+            .all(|b| !b.spec.is_deleted()),
+        "the interrupted deletion of the empty block was finished"
     );
     let handles = store.snapshot::<IpamHandle>();
     assert_eq!(handles.len(), 1);
@@ -849,9 +866,43 @@ fn blocks_and_handles_calico_marked_deleted_are_treated_as_going_away() {
         "the marked handle was replaced"
     );
     assert_eq!(handles[0].spec.block.len(), 1);
-    assert!(handles[0].spec.block.contains_key("10.0.0.64/26"));
+    let block = store
+        .snapshot::<IpamBlock>()
+        .into_iter()
+        .find(|b| net(&b.spec.cidr).contains(&got.ipv4[0]))
+        .unwrap();
+    assert!(!block.spec.is_deleted());
+    assert!(handles[0].spec.block.contains_key(&block.spec.cidr));
 }
 
 fn run_unchecked<T>(fut: impl Future<Output = Result<T, IpamError>>) -> T {
     block_on(fut).unwrap()
+}
+
+#[test]
+fn tunnel_address_survives_disabling_its_pool() {
+    let mut ipip = pool("ipip", "10.7.0.0/24", 26);
+    ipip.spec.ipip_mode = Some("Always".into());
+    let (store, ipam) = new_ipam(&[ipip.clone()], None);
+    let a = run(
+        &store,
+        ipam.ensure_tunnel_address("n1", &labels(&[]), TunnelKind::Ipip),
+    )
+    .unwrap()
+    .unwrap();
+    ipip.spec.disabled = Some(true);
+    store.put(&ipip);
+    let b = run(
+        &store,
+        ipam.ensure_tunnel_address("n1", &labels(&[]), TunnelKind::Ipip),
+    )
+    .unwrap();
+    assert_eq!(b, Some(a));
+    // A node without one gets none from the disabled pool.
+    let c = run(
+        &store,
+        ipam.ensure_tunnel_address("n2", &labels(&[]), TunnelKind::Ipip),
+    )
+    .unwrap();
+    assert_eq!(c, None);
 }
