@@ -243,11 +243,17 @@ fn open_socket(place: &Place) -> Result<BatchSocket, WorkloadIfaceError> {
     })
 }
 
+/// Writes a `/proc/sys` value unless it already holds it: writes to `forwarding` and
+/// `disable_ipv6` take the RTNL lock (spinning on a trylock), which many concurrent ADDs
+/// contend for, and new links usually inherit the wanted value from `conf/default`.
 fn write_sysctl(
     place: &Place,
     path: String,
     value: &'static str,
 ) -> Result<(), WorkloadIfaceError> {
+    if std::fs::read_to_string(&path).is_ok_and(|current| current.trim() == value) {
+        return Ok(());
+    }
     std::fs::write(&path, value).map_err(|source| WorkloadIfaceError::Sysctl {
         path,
         value,
@@ -412,6 +418,8 @@ fn configure_container(
         )?;
     }
 
+    // Not at creation: the kernel refuses to open a veth end before its peer is linked
+    // (ENOTCONN), and the pod end is created first.
     let mut requests = vec![(
         "setting up",
         Request {
