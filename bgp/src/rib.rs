@@ -770,6 +770,9 @@ fn select_best(
     if candidates.is_empty() {
         return None;
     }
+    if candidates.len() == 1 {
+        return Some(0);
+    }
     if let Some(i) = candidates.iter().position(|c| c.source == LOCAL) {
         return Some(i);
     }

@@ -388,3 +388,32 @@ async fn simultaneous_connections_settle_on_one_stable_session() {
         "session flapped: {later:?}"
     );
 }
+
+#[tokio::test]
+async fn request_refresh_sends_route_refresh_for_each_family() {
+    let listener = TcpListener::bind(SocketAddr::new(ip(26, 2), PORT))
+        .await
+        .unwrap();
+    let a = speaker(26, AS).await;
+    a.add_peer(peer_config(26, AS)).unwrap();
+    let mut p = ScriptedPeer::accept(&listener, DecodeContext::default()).await;
+    p.handshake(open(AS, v4(26, 2), true)).await;
+    let deadline = Instant::now() + WAIT;
+    while a.peer(ip(26, 2)).unwrap().state != State::Established {
+        assert!(Instant::now() < deadline, "never established");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.request_refresh(ip(26, 2)).unwrap();
+    let m = p
+        .recv_until("ROUTE-REFRESH", |m| matches!(m, Message::RouteRefresh(_)))
+        .await;
+    assert_eq!(
+        m,
+        Message::RouteRefresh(RouteRefresh {
+            afi: 1,
+            subtype: 0,
+            safi: 1
+        }),
+        "only IPv4 was negotiated"
+    );
+}

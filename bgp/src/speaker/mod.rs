@@ -522,6 +522,19 @@ impl Speaker {
             .map_err(|_| SpeakerError::Stopped)
     }
 
+    /// Ask a peer to re-send all its routes (ROUTE-REFRESH); a no-op unless the session is
+    /// Established and both sides announced the capability.
+    pub fn request_refresh(&self, address: IpAddr) -> Result<(), SpeakerError> {
+        let peers = self.peers();
+        let handle = peers
+            .get(&address)
+            .ok_or(SpeakerError::UnknownPeer(address))?;
+        handle
+            .cmd
+            .send(session::PeerCmd::RequestRefresh)
+            .map_err(|_| SpeakerError::Stopped)
+    }
+
     /// Configured peers.
     pub fn peer_configs(&self) -> Vec<PeerConfig> {
         self.peers().values().map(|p| p.config.clone()).collect()

@@ -28,6 +28,8 @@ pub(crate) enum PeerCmd {
     Incoming(TcpStream),
     /// The peer was removed: send Cease and end the task.
     Remove,
+    /// Ask the peer to re-send its routes (ROUTE-REFRESH, RFC 2918).
+    RequestRefresh,
 }
 
 pub(crate) struct SessionParams {
@@ -243,6 +245,7 @@ async fn run_inner(params: SessionParams) {
                 }
             }
             Wake::Command(Some(PeerCmd::Incoming(stream))) => s.incoming(stream).await,
+            Wake::Command(Some(PeerCmd::RequestRefresh)) => s.request_refresh().await,
             Wake::Primary(r) => s.on_primary_read(r).await,
             Wake::Secondary(r) => s.on_secondary_read(r).await,
             Wake::Routes(Some(out)) => s.send_routes(out).await,
@@ -645,6 +648,26 @@ impl Session {
         self.feed(Event::BGPOpen(open)).await;
         if self.primary.as_ref().is_some_and(|c| !c.buf.is_empty()) {
             self.on_primary_read(Ok(1)).await;
+        }
+    }
+
+    async fn request_refresh(&mut self) {
+        let Some(negotiated) = self.fsm.negotiated().cloned() else {
+            return;
+        };
+        if self.fsm.state() != State::Established || !negotiated.route_refresh {
+            debug!(
+                "route refresh not possible: session not established or capability not negotiated"
+            );
+            return;
+        }
+        for afi in negotiated.families() {
+            let message = Message::RouteRefresh(crate::wire::RouteRefresh {
+                afi: afi.code(),
+                subtype: 0,
+                safi: SAFI_UNICAST,
+            });
+            self.perform(Action::Send(message)).await;
         }
     }
 
