@@ -21,6 +21,7 @@ pub mod diff;
 pub mod messages;
 pub mod model;
 pub mod monitor;
+pub mod nat;
 pub mod reconciler;
 pub mod socket;
 pub mod workload_iface;
