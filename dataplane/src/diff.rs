@@ -153,7 +153,8 @@ pub struct Plan {
     pub route_deletes: Vec<IpNet>,
     pub neighbour_dels: Vec<Neighbour>,
     pub fdb_dels: Vec<FdbEntry>,
-    /// Desired routes whose interface does not exist yet (a workload's veth, a device).
+    /// Desired routes whose interface does not exist or is down (a workload's veth being set
+    /// up, a device).
     pub waiting: Vec<IpNet>,
 }
 
@@ -280,7 +281,12 @@ pub fn diff(desired: &DesiredState, actual: &Actual, complete: bool) -> Plan {
             let exists = match last_link {
                 Some((p, l, e)) if (p, l) == key => e,
                 _ => {
-                    let e = actual.link_index.contains_key(ifname);
+                    // A link that exists but is down refuses routes (ENETDOWN): wait for up.
+                    let e = actual
+                        .link_index
+                        .get(ifname)
+                        .and_then(|i| actual.links.get(i))
+                        .is_some_and(|l| l.up);
                     last_link = Some((key.0, key.1, e));
                     e
                 }
@@ -293,9 +299,9 @@ pub fn diff(desired: &DesiredState, actual: &Actual, complete: bool) -> Plan {
         let mode = match actual.routes.get(dst) {
             Some(have) if *have == route.target => continue,
             Some(_) => WriteMode::Replace,
-            None if actual.adoptable.get(dst) == Some(&route.target)
-                || actual.displaced.contains(dst) =>
-            {
+            // An adoptable calico-node route is taken over in place even if it points
+            // elsewhere (a different mode): replacing it is the migration, with no gap.
+            None if actual.adoptable.contains_key(dst) || actual.displaced.contains(dst) => {
                 WriteMode::Replace
             }
             None => WriteMode::Create,

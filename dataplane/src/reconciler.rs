@@ -378,29 +378,35 @@ impl Reconciler {
                 };
                 let relevant = self.is_relevant_link(&link.name);
                 let before = self.actual.links.get(&link.index).cloned();
+                let went_down = before.as_ref().is_some_and(|b| b.up) && !link.up;
                 let changed = before.as_ref().is_none_or(|b| {
                     b.name != link.name || b.up != link.up || b.mtu != link.mtu || b.mac != link.mac
                 });
                 self.actual.insert_link(link);
-                if relevant && changed {
-                    EventEffect::Resync
-                } else {
-                    EventEffect::Nothing
+                match (relevant, went_down, changed) {
+                    // Taking a link down flushes routes through it without a notification:
+                    // only a dump tells what is left.
+                    (true, true, _) => EventEffect::Resync,
+                    // A new or re-upped link (a pod's veth): routes waiting for it can go in.
+                    (true, false, true) => EventEffect::Reconcile,
+                    _ => EventEffect::Nothing,
                 }
             }
             RouteNetlinkMessage::DelLink(l) => {
                 let index = l.header.index;
-                let relevant = self
-                    .actual
-                    .links
-                    .get(&index)
-                    .is_some_and(|link| self.is_relevant_link(&link.name));
+                let name = self.actual.links.get(&index).map(|l| l.name.clone());
                 self.actual.remove_link(index);
-                if relevant {
-                    EventEffect::Resync
-                } else {
-                    EventEffect::Nothing
-                }
+                let Some(name) = name.filter(|n| self.is_relevant_link(n)) else {
+                    return EventEffect::Nothing;
+                };
+                // The kernel removed every route, neighbour and FDB entry on the deleted link
+                // (silently): drop them from the view rather than dumping everything again.
+                self.actual
+                    .routes
+                    .retain(|_, t| t.ifname() != Some(name.as_ref()));
+                self.actual.neighbours.retain(|n| *n.ifname != *name);
+                self.actual.fdb.retain(|f| *f.ifname != *name);
+                EventEffect::Reconcile
             }
             RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
                 let Some((index, net)) = parse_address(a) else {
@@ -778,6 +784,21 @@ impl Reconciler {
                         ),
                         None => continue,
                     };
+                    // Routes through the device may go in this same pass: record what the
+                    // kernel now holds instead of waiting for the link notification.
+                    if r.is_ok()
+                        && let Some(link) = self
+                            .actual
+                            .link_index
+                            .get(spec.name())
+                            .and_then(|i| self.actual.links.get_mut(i))
+                    {
+                        link.up = true;
+                        link.mtu = spec.mtu();
+                        if mac.is_some() {
+                            link.mac = mac;
+                        }
+                    }
                     ("configure", format!("device {}", spec.name()), r)
                 }
                 DeviceOp::AddAddress { name, addr } | DeviceOp::DelAddress { name, addr } => {
@@ -823,6 +844,15 @@ impl Reconciler {
                     };
                     let msg = link_set_message(link.index, link.mtu, None, false);
                     let r = self.socket.request(RouteNetlinkMessage::SetLink(msg), 0);
+                    if r.is_ok()
+                        && let Some(link) = self
+                            .actual
+                            .link_index
+                            .get(name.as_str())
+                            .and_then(|i| self.actual.links.get_mut(i))
+                    {
+                        link.up = false;
+                    }
                     ("disable", format!("device {name}"), r)
                 }
             };

@@ -13,7 +13,8 @@ use tortie_e2e::{TopologySpec, require_root, wait_until};
 fn ping_ok(world: &World, from: usize, to: usize) {
     wait_until(
         &format!("pod {from} reaches pod {to}"),
-        Duration::from_secs(5),
+        // Generous: the first packet waits for proxy ARP, and the machine may be loaded.
+        Duration::from_secs(10),
         || world.pods[from].ns.ping_once(&pod_ip(to).to_string(), 300),
     )
     .unwrap();
@@ -238,4 +239,62 @@ fn ipip_modes_route_through_tunl0() {
         ping_ok(&world, 0, 1);
         ping_ok(&world, 0, 2);
     }
+}
+
+#[test]
+fn workload_route_waits_for_its_interface_and_follows_it_across_recreation() {
+    require_root();
+    let world = World::new(TopologySpec::new().segment(["a1", "a2"]).build().unwrap());
+    let node = world.node(0);
+    let late_ip = "10.244.1.9".parse().unwrap();
+    let mut inputs = world.inputs(0, NEVER, false);
+    inputs.workloads.push(tortie_dataplane::Workload {
+        ip: late_ip,
+        host_if: "cali9".into(),
+    });
+    let dp = start(node, Config::default());
+    dp.set_desired(inputs).unwrap();
+    dp.mark_complete();
+    wait_for_mode(&world, 0, NEVER).unwrap();
+    wait_until(
+        "one route waiting for cali9",
+        Duration::from_secs(5),
+        || dp.counters().routes_waiting == 1,
+    )
+    .unwrap();
+    let route = "10.244.1.9 dev cali9 scope link".to_string();
+    for round in 0..2 {
+        let late = tortie_e2e::Pod::attach_calico_style(
+            node,
+            "late",
+            Some("cali9"),
+            "10.244.1.9".parse().unwrap(),
+        )
+        .unwrap();
+        let took = wait_until(
+            &format!("route through cali9 (round {round})"),
+            Duration::from_secs(5),
+            || routes(&node.ns, false).is_ok_and(|r| r.contains(&route)),
+        )
+        .unwrap();
+        assert!(took <= Duration::from_secs(1), "took {took:?}");
+        wait_until("pod reaches the late pod", Duration::from_secs(5), || {
+            world.pods[0].ns.ping_once("10.244.1.9", 300)
+        })
+        .unwrap();
+        drop(late); // deletes the namespace, and with it the veth and the kernel's route
+        wait_until("route gone with cali9", Duration::from_secs(5), || {
+            routes(&node.ns, false).is_ok_and(|r| !r.contains(&route))
+        })
+        .unwrap();
+        wait_until("waiting again", Duration::from_secs(5), || {
+            dp.counters().routes_waiting == 1
+        })
+        .unwrap();
+    }
+    assert!(
+        dp.counters().failures_by_errno.is_empty(),
+        "{:?}",
+        dp.counters()
+    );
 }
