@@ -137,6 +137,20 @@ pub enum IpamError {
         /// Attempts made.
         attempts: u32,
     },
+    /// `strictAffinity` forbids assigning in a block affine to another host.
+    #[error(
+        "{ip} is in block {block} of host {owner:?}; strictAffinity forbids assigning it to {node}"
+    )]
+    NotAffine {
+        /// Address asked for.
+        ip: IpAddr,
+        /// Its block.
+        block: IpNet,
+        /// The block's host, if any.
+        owner: Option<String>,
+        /// Host asking.
+        node: String,
+    },
     /// The request itself is unusable (e.g. no handle or node).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -929,7 +943,8 @@ impl<S: Store> Ipam<S> {
         Err(self.too_many::<BlockAffinity>(&name))
     }
 
-    /// Assigns one specific address to a handle (claiming its block for `node` if no one has it).
+    /// Assigns one specific address to a handle, claiming its block for `node` if no one has it.
+    /// With `strictAffinity`, the block must be affine to `node`.
     pub async fn assign_ip(
         &self,
         ip: IpAddr,
@@ -948,6 +963,7 @@ impl<S: Store> Ipam<S> {
         let Some(ordinal) = ip_to_ordinal(&cidr, ip) else {
             return Err(IpamError::NotInPool(ip));
         };
+        let strict = self.settings().await?.strict_affinity;
         for attempt in 0..self.retry.max_attempts {
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
@@ -971,6 +987,14 @@ impl<S: Store> Ipam<S> {
                     name: name.clone(),
                     reason: e.problem,
                 })?;
+            if strict && block.spec.affine_node() != Some(node) {
+                return Err(IpamError::NotAffine {
+                    ip,
+                    block: cidr,
+                    owner: block.spec.affine_node().map(str::to_string),
+                    node: node.to_string(),
+                });
+            }
             if let Err(holder) = block.spec.assign_ordinal(ordinal, handle_id, attributes) {
                 return Err(IpamError::AlreadyAssigned { ip, holder });
             }

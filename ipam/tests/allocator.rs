@@ -906,3 +906,20 @@ fn tunnel_address_survives_disabling_its_pool() {
     .unwrap();
     assert_eq!(c, None);
 }
+
+#[test]
+fn strict_affinity_refuses_a_specific_address_in_another_hosts_block() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], Some(config(true, 5)));
+    let attrs = workload_attributes("ns", "pod", "n1", "t");
+    run(&store, ipam.assign_ip(ip("10.0.0.5"), "h1", &attrs, "n1")).unwrap();
+    let err = run(&store, ipam.assign_ip(ip("10.0.0.6"), "h2", &attrs, "n2")).unwrap_err();
+    match err {
+        IpamError::NotAffine { owner, node, .. } => {
+            assert_eq!((owner.as_deref(), node.as_str()), (Some("n1"), "n2"));
+        }
+        other => panic!("expected NotAffine, got {other}"),
+    }
+    // Without strict affinity the same request succeeds.
+    store.put(&config(false, 5));
+    run(&store, ipam.assign_ip(ip("10.0.0.6"), "h2", &attrs, "n2")).unwrap();
+}
