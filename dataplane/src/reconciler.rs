@@ -917,3 +917,129 @@ impl Reconciler {
 
 /// Time a reconcile should wait before retrying after failures: short, bounded.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    //! Event folding, checked against a reconciler whose socket is never written to.
+    use super::*;
+    use crate::messages::{KernelLink, route_message};
+    use crate::model::DesiredRoute;
+    use ipnet::IpNet;
+    use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn via_eth0(gw: &str) -> RouteTarget {
+        RouteTarget::Gateway {
+            via: gw.parse().unwrap(),
+            ifname: Arc::from("eth0"),
+            onlink: false,
+        }
+    }
+
+    /// A reconciler that wants `10.1.0.0/26 via 10.0.0.2 dev eth0` and believes it is installed.
+    fn reconciler() -> Reconciler {
+        let mut r = Reconciler::new(Config::default()).unwrap();
+        r.actual.insert_link(KernelLink {
+            index: 2,
+            name: Arc::from("eth0"),
+            up: true,
+            mtu: 1500,
+            mac: None,
+            kind: None,
+            vxlan: None,
+        });
+        let mut d = DesiredState::default();
+        d.routes.insert(
+            net("10.1.0.0/26"),
+            DesiredRoute {
+                target: via_eth0("10.0.0.2"),
+                kind: RouteKind::Direct,
+            },
+        );
+        r.set_desired(d);
+        r.actual
+            .routes
+            .insert(net("10.1.0.0/26"), via_eth0("10.0.0.2"));
+        r
+    }
+
+    fn route_event(add: bool, gw: &str, protocol: u8) -> RouteNetlinkMessage {
+        let msg = route_message(&net("10.1.0.0/26"), &via_eth0(gw), Some(2), protocol);
+        if add {
+            RouteNetlinkMessage::NewRoute(msg)
+        } else {
+            RouteNetlinkMessage::DelRoute(msg)
+        }
+    }
+
+    #[test]
+    fn echo_of_tortie_own_write_changes_nothing() {
+        let mut r = reconciler();
+        assert_eq!(
+            r.on_event(&route_event(true, "10.0.0.2", 84)),
+            EventEffect::Nothing
+        );
+        assert_eq!(r.counters().routes_restored, 0);
+    }
+
+    #[test]
+    fn deleting_a_wanted_route_asks_for_a_reconcile_and_counts_a_repair() {
+        let mut r = reconciler();
+        assert_eq!(
+            r.on_event(&route_event(false, "10.0.0.2", 84)),
+            EventEffect::Reconcile
+        );
+        assert!(r.actual().routes.is_empty());
+        assert_eq!(r.counters().routes_restored, 1);
+        assert_eq!(r.plan().route_writes[0].mode, WriteMode::Create);
+    }
+
+    #[test]
+    fn foreign_replace_of_a_wanted_route_is_taken_back_with_replace() {
+        let mut r = reconciler();
+        assert_eq!(
+            r.on_event(&route_event(true, "10.0.0.9", 4)),
+            EventEffect::Reconcile
+        );
+        assert!(r.actual().displaced.contains(&net("10.1.0.0/26")));
+        assert_eq!(r.plan().route_writes[0].mode, WriteMode::Replace);
+    }
+
+    #[test]
+    fn link_going_down_needs_a_dump_but_an_unrelated_link_does_not() {
+        let mut r = reconciler();
+        let mut down = LinkMessage::default();
+        down.header.index = 2;
+        down.attributes.push(LinkAttribute::IfName("eth0".into()));
+        assert_eq!(
+            r.on_event(&RouteNetlinkMessage::NewLink(down)),
+            EventEffect::Resync
+        );
+        let mut other = LinkMessage::default();
+        other.header.index = 7;
+        other.header.flags = LinkFlags::Up;
+        other
+            .attributes
+            .push(LinkAttribute::IfName("docker0".into()));
+        assert_eq!(
+            r.on_event(&RouteNetlinkMessage::NewLink(other)),
+            EventEffect::Nothing
+        );
+    }
+
+    #[test]
+    fn deleted_link_takes_its_routes_out_of_the_view() {
+        let mut r = reconciler();
+        let mut gone = LinkMessage::default();
+        gone.header.index = 2;
+        assert_eq!(
+            r.on_event(&RouteNetlinkMessage::DelLink(gone)),
+            EventEffect::Reconcile
+        );
+        assert!(r.actual().routes.is_empty());
+        assert_eq!(r.plan().waiting, vec![net("10.1.0.0/26")]);
+    }
+}
