@@ -13,8 +13,8 @@
 //!     set all-pools-v6  { type ipv6_addr; flags interval; }
 //!     chain postrouting {
 //!         type nat hook postrouting priority srcnat; policy accept;
-//!         ip saddr @masq-pools-v4 ip daddr != @all-pools-v4 masquerade
-//!         ip6 saddr @masq-pools-v6 ip6 daddr != @all-pools-v6 masquerade
+//!         ip saddr @masq-pools-v4 ip daddr != @all-pools-v4 masquerade fully-random
+//!         ip6 saddr @masq-pools-v6 ip6 daddr != @all-pools-v6 masquerade fully-random
 //!     }
 //! }
 //! ```
@@ -367,6 +367,7 @@ const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_SET_ID: u16 = 4;
 const NFTA_LOOKUP_FLAGS: u16 = 5;
+const NFTA_MASQ_FLAGS: u16 = 1;
 
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
@@ -379,6 +380,7 @@ const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_LOOKUP_F_INV: u32 = 1;
 const NF_INET_POST_ROUTING: u32 = 4;
 const NF_ACCEPT: u32 = 1;
+const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
 
 /// Elements per NEWSETELEM message, keeping each message far below 64 KiB.
 const ELEMENTS_PER_MESSAGE: usize = 256;
@@ -472,7 +474,8 @@ enum Expr {
         invert: bool,
         with_set_id: bool,
     },
-    /// `masq`
+    /// `masq fully-random`: Calico masquerades with `--random-fully` wherever the kernel
+    /// supports it, so that parallel connections never race for the same source port.
     Masquerade,
 }
 
@@ -522,7 +525,7 @@ impl Expr {
                     let flags = if *invert { NFT_LOOKUP_F_INV } else { 0 };
                     put_be32(buf, NFTA_LOOKUP_FLAGS, flags);
                 }
-                Expr::Masquerade => {}
+                Expr::Masquerade => put_be32(buf, NFTA_MASQ_FLAGS, NF_NAT_RANGE_PROTO_RANDOM_FULLY),
             });
         });
     }
@@ -1131,6 +1134,12 @@ fn recv_into(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> Result<Option<usi
         match err.kind() {
             io::ErrorKind::Interrupted => continue,
             io::ErrorKind::WouldBlock if flags & libc::MSG_DONTWAIT != 0 => return Ok(None),
+            io::ErrorKind::WouldBlock => {
+                return Err(NatError::Io {
+                    op: "recv (no kernel answer within the receive timeout)",
+                    source: err,
+                });
+            }
             _ => {
                 return Err(NatError::Io {
                     op: "recv",

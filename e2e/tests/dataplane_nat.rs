@@ -152,8 +152,8 @@ fn nft_reads_the_table_as_calicos_rule_with_both_families() {
     let text = table_text(&world.node().ns).unwrap();
     for want in [
         "type nat hook postrouting priority srcnat; policy accept;",
-        "ip saddr @masq-pools-v4 ip daddr != @all-pools-v4 masquerade",
-        "ip6 saddr @masq-pools-v6 ip6 daddr != @all-pools-v6 masquerade",
+        "ip saddr @masq-pools-v4 ip daddr != @all-pools-v4 masquerade fully-random",
+        "ip6 saddr @masq-pools-v6 ip6 daddr != @all-pools-v6 masquerade fully-random",
         "elements = { 10.244.0.0/16 }",
         // The two touching /16s are one merged range.
         "elements = { 10.96.0.0/12, 10.244.0.0/15 }",
@@ -358,4 +358,60 @@ fn tampered_table_is_rebuilt_and_flushed_set_refilled() {
     assert_eq!(nat.apply(&pools).unwrap(), NatChange::Rebuilt);
     assert_eq!(nat.apply(&pools).unwrap(), NatChange::Unchanged);
     world.pod_reaches(&outside).unwrap();
+}
+
+#[test]
+fn hundreds_of_pools_span_several_messages_and_read_back_equal() {
+    require_root();
+    let world = World::new();
+    let mut nat = world.nat();
+    // 600 separate /24s: 1200 interval elements, more than one message and one dump datagram.
+    let pools: Vec<String> = (0..600u32)
+        .map(|i| format!("10.{}.{}.0/24", 100 + i / 100, (i % 100) * 2))
+        .collect();
+    let pools: Vec<&str> = pools.iter().map(String::as_str).collect();
+    let many = inputs(&pools, &pools);
+    assert_eq!(nat.apply(&many).unwrap(), NatChange::Created);
+    let actual = nat.read_actual().unwrap();
+    let table = actual.table.expect("table exists");
+    assert!(table.structure_matches);
+    assert_eq!(table.elements[&NatSet::MasqueradeV4].len(), 1200);
+    let sent = nat.messages_sent();
+    let started = std::time::Instant::now();
+    assert_eq!(nat.apply(&many).unwrap(), NatChange::Unchanged);
+    eprintln!(
+        "no-op apply with 1200 elements per set took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(nat.messages_sent(), sent);
+    let text = table_text(&world.node().ns).unwrap();
+    assert!(
+        text.contains("10.100.0.0/24") && text.contains("10.105.198.0/24"),
+        "first or last pool missing"
+    );
+}
+
+#[test]
+fn kernel_refusal_names_the_set_and_errno_and_the_socket_stays_usable() {
+    require_root();
+    let world = World::new();
+    let mut nat = world.nat();
+    // Refilling a set of a table that does not exist: the kernel refuses the flush.
+    let err = nat
+        .execute(&tortie_dataplane::nat::Plan::ReplaceSets(vec![(
+            NatSet::MasqueradeV4,
+            vec![],
+        )]))
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("flush set inet tortie-nat masq-pools-v4")
+            && text.contains(&format!("errno {}", libc::ENOENT)),
+        "{text}"
+    );
+    assert!(!table_exists(&world.node().ns));
+    assert_eq!(
+        nat.apply(&inputs(&[POOL], &[POOL])).unwrap(),
+        NatChange::Created
+    );
 }
