@@ -947,7 +947,7 @@ struct RuleInfo {
     expressions: Vec<CanonicalExpr>,
 }
 
-/// Decodes the attributes of a dumped table, set, chain or rule, keeping those in our table.
+/// Dumps are filtered by table in the request; answers naming another table are dropped too.
 fn table_attr_is_ours(table: Option<&str>) -> bool {
     table.is_none_or(|t| t == TABLE_NAME)
 }
