@@ -5,7 +5,8 @@
 //! does when the node's affine block has room).
 //!
 //! Run: `cargo test -p tortie-e2e --test cni_bench -- --ignored --nocapture` (it is ignored in
-//! the normal test run because it takes about a minute).
+//! the normal test run because it takes about a minute). The file also builds as a
+//! `harness = false` bench target (its `main`), so `cargo bench` can run it.
 
 #[path = "cni_support.rs"]
 mod support;
@@ -268,5 +269,11 @@ fn run_bench() {
 #[test]
 #[ignore = "a benchmark (about a minute); run with --ignored --nocapture"]
 fn cni_add_del_latency_against_bridge_host_local() {
+    run_bench();
+}
+
+/// Entry point when built as a `harness = false` bench target.
+#[cfg_attr(test, allow(dead_code))]
+fn main() {
     run_bench();
 }

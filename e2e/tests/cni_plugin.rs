@@ -607,3 +607,36 @@ fn portmap_chained_after_tortie_accepts_its_result() {
     let del = tortie(node, "DEL", &pod, &with_prev(&config, &result));
     assert!(del.ok, "tortie DEL: {}", del.stdout);
 }
+
+#[test]
+fn install_cni_puts_a_working_plugin_in_the_bin_dir() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("tortie-{}-cni-bin", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = std::process::Command::new(support::tortie_binary())
+        .args(["install-cni", "--cni-bin-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = dir.join("tortie");
+    let version = std::process::Command::new(&installed)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(version.status.success());
+    let v: Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.0.0")),
+        "{v}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
