@@ -73,16 +73,32 @@ fn inputs(masquerade: &[&str], all_pools: &[&str]) -> NatInputs {
     }
 }
 
-/// Counters on the outside host's input path: echo requests from the node's address, and
-/// from pod addresses.
+/// Counters on the outside host's input path: IPv4 echo requests from the node's address,
+/// and from pod addresses.
 fn install_probe(ns: &Netns, node_addr: Ipv4Addr) -> Result<()> {
+    install_probe_table(
+        ns,
+        "probe",
+        &format!("ip saddr {node_addr}"),
+        &format!("ip saddr {POOL}"),
+        "icmp",
+    )
+}
+
+fn install_probe_table(
+    ns: &Netns,
+    table: &str,
+    from_node: &str,
+    from_pods: &str,
+    icmp: &str,
+) -> Result<()> {
     ns.sh(&format!(
         "nft -f - <<'EOF'
-table inet probe {{
+table inet {table} {{
     chain input {{
         type filter hook input priority 0; policy accept;
-        ip saddr {node_addr} icmp type echo-request counter
-        ip saddr {POOL} icmp type echo-request counter
+        {from_node} {icmp} type echo-request counter
+        {from_pods} {icmp} type echo-request counter
     }}
 }}
 EOF"
@@ -92,7 +108,11 @@ EOF"
 
 /// (echo requests seen from the node's address, echo requests seen from pod addresses).
 fn probe_counts(ns: &Netns) -> Result<(u64, u64)> {
-    let json = ns.run(&["nft", "-j", "list", "table", "inet", "probe"])?;
+    probe_table_counts(ns, "probe")
+}
+
+fn probe_table_counts(ns: &Netns, table: &str) -> Result<(u64, u64)> {
+    let json = ns.run(&["nft", "-j", "list", "table", "inet", table])?;
     let v: serde_json::Value = serde_json::from_str(&json).context("nft -j output")?;
     let mut counts = Vec::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
@@ -107,7 +127,7 @@ fn probe_counts(ns: &Netns) -> Result<(u64, u64)> {
     }
     match counts[..] {
         [from_node, from_pods] => Ok((from_node, from_pods)),
-        _ => bail!("expected two counters in the probe table, got {counts:?}: {json}"),
+        _ => bail!("expected two counters in table {table}, got {counts:?}: {json}"),
     }
 }
 
@@ -413,5 +433,91 @@ fn kernel_refusal_names_the_set_and_errno_and_the_socket_stays_usable() {
     assert_eq!(
         nat.apply(&inputs(&[POOL], &[POOL])).unwrap(),
         NatChange::Created
+    );
+}
+
+#[test]
+fn ipv6_pod_is_masqueraded_to_the_node_address() {
+    require_root();
+    let world = World::new();
+    let (node, outside) = (world.node(), world.outside());
+    let pod6 = "fd44::5";
+    // Calico's IPv6 wiring: /128 on the pod, default route via the host veth's link-local
+    // address, and a /128 route on the host.
+    let gateway = node
+        .ns
+        .run(&[
+            "ip",
+            "-6",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            &world.pod.host_if,
+            "scope",
+            "link",
+        ])
+        .unwrap();
+    let gateway = gateway
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("host veth has no link-local address: {gateway}"))
+        .to_owned();
+    world
+        .pod
+        .ns
+        .run(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{pod6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    world
+        .pod
+        .ns
+        .run(&[
+            "ip", "-6", "route", "add", "default", "via", &gateway, "dev", "eth0",
+        ])
+        .unwrap();
+    node.ns
+        .run(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{pod6}/128"),
+            "dev",
+            &world.pod.host_if,
+        ])
+        .unwrap();
+    install_probe_table(
+        &outside.ns,
+        "probe6",
+        &format!("ip6 saddr {}", node.addr6),
+        "ip6 saddr fd44::/48",
+        "icmpv6",
+    )
+    .unwrap();
+    let mut nat = world.nat();
+    nat.apply(&inputs(&[POOL, "fd44::/48"], &[POOL, "fd44::/48"]))
+        .unwrap();
+    // The host veth's link-local address passes DAD first; hence the longer deadline.
+    wait_until(
+        &format!("pod {pod6} reaches {}", outside.addr6),
+        Duration::from_secs(10),
+        || world.pod.ns.ping_once(&outside.addr6.to_string(), 300),
+    )
+    .unwrap();
+    let (from_node, from_pods) = probe_table_counts(&outside.ns, "probe6").unwrap();
+    assert!(
+        from_node >= 1 && from_pods == 0,
+        "outside host must see the node's IPv6 address only: from node {from_node}, from pods {from_pods}"
     );
 }
