@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::{Value, json};
 use support::{
-    AGENT_MTU, FakeAgent, KERNEL_WAIT, PodRef, links_named, run_plugin, sysctl, tortie,
+    AGENT_MTU, Behaviour, FakeAgent, KERNEL_WAIT, PodRef, links_named, run_plugin, sysctl, tortie,
     tortie_config,
 };
 use tortie_e2e::{Netns, Topology, TopologySpec, require_root, wait_until};
@@ -639,4 +639,103 @@ fn install_cni_puts_a_working_plugin_in_the_bin_dir() {
         "{v}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn add_whose_workload_up_is_refused_undoes_the_veth_and_the_address() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    let agent = FakeAgent::start_with(Behaviour {
+        ready: true,
+        refuse: Some("workload_up"),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let pod_ns = Netns::create("pod-refused").unwrap();
+    let pod = PodRef::new(&pod_ns, "refused-0");
+    let run = tortie(node, "ADD", &pod, &tortie_config(agent.run_dir(), "1.0.0"));
+    let err = run.error();
+    assert_eq!(err["code"], 100, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("workload_up refused"),
+        "{err}"
+    );
+    assert!(
+        links_named(node, "cali").unwrap().is_empty(),
+        "host end removed"
+    );
+    assert!(
+        links_named(&pod_ns, "eth0").unwrap().is_empty(),
+        "pod end removed"
+    );
+    assert!(agent.held().is_empty(), "address released");
+}
+
+#[test]
+fn del_after_the_agent_restarted_succeeds() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    let agent = FakeAgent::start(true).unwrap();
+    let run_dir = agent.run_dir().to_owned();
+    let pod_ns = Netns::create("pod-restart").unwrap();
+    let pod = PodRef::new(&pod_ns, "restart-0");
+    let config = tortie_config(&run_dir, "1.0.0");
+    tortie(node, "ADD", &pod, &config).result();
+    drop(agent);
+
+    // A new agent on the same socket that never heard of the pod.
+    let restarted = FakeAgent::start_with(Behaviour {
+        ready: true,
+        run_dir: Some(run_dir),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let del = tortie(node, "DEL", &pod, &config);
+    assert!(del.ok, "DEL failed: {} {}", del.stdout, del.stderr);
+    assert!(links_named(node, "cali").unwrap().is_empty());
+    assert_eq!(restarted.requests("release").len(), 1);
+}
+
+#[test]
+fn dual_stack_pods_ping_each_other_over_ipv6() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    let agent = FakeAgent::start(true).unwrap();
+    let ns_a = Netns::create("pod-6a").unwrap();
+    let ns_b = Netns::create("pod-6b").unwrap();
+    let a = PodRef::new(&ns_a, "six-a");
+    let b = PodRef::new(&ns_b, "six-b");
+    let mut config = tortie_config(agent.run_dir(), "1.0.0");
+    config["assign_ipv6"] = json!(true);
+    tortie(node, "ADD", &a, &config).result();
+    tortie(node, "ADD", &b, &config).result();
+    for up in agent.requests("workload_up") {
+        let host_if = up["host_if"].as_str().unwrap();
+        for ip in up["ips"].as_array().unwrap() {
+            let ip = ip.as_str().unwrap();
+            let (family, dst) = if ip.contains(':') {
+                ("-6", format!("{ip}/128"))
+            } else {
+                ("-4", format!("{ip}/32"))
+            };
+            node.run(&["ip", family, "route", "add", &dst, "dev", host_if])
+                .unwrap();
+        }
+    }
+    let held = agent.held();
+    let (a6, b6) = (
+        held[&a.container_id][1].clone(),
+        held[&b.container_id][1].clone(),
+    );
+    wait_until("pod a pings pod b over IPv6", KERNEL_WAIT, || {
+        ns_a.ping_once(&b6, 500)
+    })
+    .unwrap();
+    wait_until("pod b pings pod a over IPv6", KERNEL_WAIT, || {
+        ns_b.ping_once(&a6, 500)
+    })
+    .unwrap();
 }

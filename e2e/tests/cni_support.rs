@@ -197,6 +197,17 @@ pub fn tortie_config(run_dir: &Path, version: &str) -> Value {
 /// so tests see which one the plugin used.
 pub const AGENT_MTU: u32 = 1480;
 
+/// How the stand-in answers.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// What `ready` answers (CNI STATUS).
+    pub ready: bool,
+    /// An op answered with `ok: false`.
+    pub refuse: Option<&'static str>,
+    /// Serve in this directory (a restarted agent reuses its predecessor's).
+    pub run_dir: Option<PathBuf>,
+}
+
 #[derive(Default)]
 struct FakeState {
     next: u32,
@@ -214,12 +225,21 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     pub fn start(ready: bool) -> Result<FakeAgent> {
+        FakeAgent::start_with(Behaviour {
+            ready,
+            ..Behaviour::default()
+        })
+    }
+
+    pub fn start_with(behaviour: Behaviour) -> Result<FakeAgent> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tortie-{}-{}-fakeagent",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let dir = behaviour.run_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "tortie-{}-{}-fakeagent",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ))
+        });
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let listener = UnixListener::bind(dir.join("tortie.sock"))
@@ -239,7 +259,8 @@ impl FakeAgent {
                     }
                     let Ok(stream) = stream else { continue };
                     let state = state.clone();
-                    std::thread::spawn(move || serve(stream, &state, ready));
+                    let behaviour = behaviour.clone();
+                    std::thread::spawn(move || serve(stream, &state, &behaviour));
                 }
             })
         };
@@ -286,7 +307,7 @@ impl Drop for FakeAgent {
     }
 }
 
-fn serve(stream: UnixStream, state: &Mutex<FakeState>, ready: bool) {
+fn serve(stream: UnixStream, state: &Mutex<FakeState>, behaviour: &Behaviour) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -304,18 +325,23 @@ fn serve(stream: UnixStream, state: &Mutex<FakeState>, ready: bool) {
                 continue;
             }
         };
-        let reply = answer(&req, state, ready);
+        let reply = answer(&req, state, behaviour);
         if writeln!(writer, "{reply}").is_err() {
             return;
         }
     }
 }
 
-fn answer(req: &Value, state: &Mutex<FakeState>, ready: bool) -> Value {
+fn answer(req: &Value, state: &Mutex<FakeState>, behaviour: &Behaviour) -> Value {
     let mut s = state.lock().unwrap();
     s.events.push(req.clone());
     let id = req["container_id"].as_str().unwrap_or_default().to_owned();
-    match req["op"].as_str().unwrap_or_default() {
+    let op = req["op"].as_str().unwrap_or_default();
+    if behaviour.refuse == Some(op) {
+        return json!({"ok": false, "error": format!("{op} refused by the test")});
+    }
+    let ready = behaviour.ready;
+    match op {
         "assign" => {
             if let Some(ips) = s.assigned.get(&id) {
                 return json!({"ok": true, "ips": ips, "mtu": AGENT_MTU});
