@@ -1226,11 +1226,38 @@ impl<S: Store> Ipam<S> {
             };
 
             let mut outcome = AffinityRelease::Gone;
-            match self.store.get::<IpamBlock>(&blk_name).await {
-                Err(StoreError::NotFound { .. }) => {}
+            let block = match self.store.get::<IpamBlock>(&blk_name).await {
+                Err(StoreError::NotFound { .. }) => None,
                 Err(e) => return Err(e.into()),
-                Ok(b) if b.spec.affine_node() != Some(node) => {}
-                Ok(b) if b.spec.is_empty() => {
+                Ok(b) if b.spec.affine_node() != Some(node) => None,
+                Ok(b) => Some(b),
+            };
+            if block.is_some() {
+                // The block read must belong to the affinity being released, not to a new claim
+                // of the same CIDR made after another releaser finished: a claim creates its
+                // affinity before its block, so an unchanged affinity (same revision, or still
+                // absent) after reading the block proves the block predates any new claim.
+                let now = match self.store.get::<BlockAffinity>(&aff_name).await {
+                    Ok(a) => a.metadata.resource_version,
+                    Err(StoreError::NotFound { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let seen = aff
+                    .as_ref()
+                    .and_then(|a| a.metadata.resource_version.clone());
+                let same = match (&aff, &now) {
+                    (None, None) => true,
+                    (Some(_), Some(_)) => seen == now,
+                    _ => false,
+                };
+                if !same {
+                    self.pause(attempt).await;
+                    continue;
+                }
+            }
+            match block {
+                None => {}
+                Some(b) if b.spec.is_empty() => {
                     let rev = b.metadata.resource_version.clone().unwrap_or_default();
                     match self.store.delete::<IpamBlock>(&blk_name, &rev).await {
                         Ok(()) | Err(StoreError::NotFound { .. }) => {
@@ -1243,7 +1270,7 @@ impl<S: Store> Ipam<S> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Ok(mut b) => {
+                Some(mut b) => {
                     if require_empty {
                         if let Some(mut a) = aff {
                             a.spec.state = AffinityState::Confirmed;

@@ -66,6 +66,13 @@ fn scenario() -> impl Strategy<Value = Scenario> {
 }
 
 fn run_scenario(sc: &Scenario) {
+    run_scenario_on(sc, false);
+}
+
+/// With `one_node`, every task acts for the same node concurrently (an agent that does not
+/// serialize its CNI requests): safety must still hold, only the block limit may be overshot by
+/// the claims in flight.
+fn run_scenario_on(sc: &Scenario, one_node: bool) {
     // 8 IPv4 blocks of 8 and 8 IPv6 blocks of 32: small enough that hosts run out, borrow, and race.
     let (store, ipam) = new_ipam(
         &[pool("v4", "10.0.0.0/26", 29), pool("v6", "fd00::/120", 123)],
@@ -79,20 +86,30 @@ fn run_scenario(sc: &Scenario) {
     });
     let held: RefCell<BTreeMap<IpAddr, String>> = RefCell::new(BTreeMap::new());
     let attempted: RefCell<Vec<String>> = RefCell::new(Vec::new());
-    let node_names: Vec<String> = (0..sc.hosts.len()).map(|i| format!("node-{i}")).collect();
+    let task_nodes: Vec<String> = (0..sc.hosts.len())
+        .map(|i| format!("node-{}", if one_node { 0 } else { i }))
+        .collect();
+    let mut node_names = task_nodes.clone();
+    node_names.dedup();
+    let block_limit = if one_node {
+        sc.max_blocks + sc.hosts.len() as i64 - 1
+    } else {
+        sc.max_blocks
+    };
 
     let tasks: Vec<Task<'_>> = sc
         .hosts
         .iter()
-        .zip(&node_names)
-        .map(|(ops, node)| {
+        .zip(&task_nodes)
+        .enumerate()
+        .map(|(task, (ops, node))| {
             let (ipam, store, held, attempted) = (&ipam, &store, &held, &attempted);
             Box::pin(async move {
                 let mut mine: VecDeque<(String, Vec<IpAddr>)> = VecDeque::new();
                 for (n, op) in ops.iter().enumerate() {
                     match op {
                         Op::Assign { v4, v6 } => {
-                            let handle = format!("k8s-pod-network.{node}-{n}");
+                            let handle = format!("k8s-pod-network.{node}-t{task}-{n}");
                             attempted.borrow_mut().push(handle.clone());
                             let req = AutoAssignRequest {
                                 handle_id: handle.clone(),
@@ -179,7 +196,7 @@ fn run_scenario(sc: &Scenario) {
             );
         }
         for node in &node_names {
-            assert_within_block_limit(&store, node, sc.max_blocks);
+            assert_within_block_limit(&store, node, block_limit);
         }
     });
     for r in results {
@@ -199,6 +216,7 @@ fn run_scenario(sc: &Scenario) {
             attributes: workload_attributes("ns", &handle, node, "t"),
             node: node.clone(),
             num_v4: 1,
+            num_v6: 1,
             ..AutoAssignRequest::default()
         };
         match block_on(ipam.auto_assign(&req)) {
@@ -215,8 +233,16 @@ fn run_scenario(sc: &Scenario) {
     );
     assert!(store.snapshot::<IpamHandle>().is_empty());
     for node in &node_names {
-        assert_within_block_limit(&store, node, sc.max_blocks);
+        assert_within_block_limit(&store, node, block_limit);
     }
+}
+
+/// Case count, raised for a deep run with `TORTIE_PROPTEST_CASES=2000`.
+fn cases_from_env(default: u32) -> u32 {
+    std::env::var("TORTIE_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Errors an operation may end with under injected faults: pool exhaustion, the CAS retry bound,
@@ -248,7 +274,7 @@ fn assert_within_block_limit(store: &tortie_ipam::MemoryStore, node: &str, max: 
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        cases: cases_from_env(96),
         max_shrink_iters: 2000,
         failure_persistence: None,
         ..ProptestConfig::default()
@@ -257,6 +283,20 @@ proptest! {
     #[test]
     fn concurrent_hosts_never_share_an_address_and_leak_nothing(sc in scenario()) {
         run_scenario(&sc);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases_from_env(48),
+        max_shrink_iters: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn unserialized_requests_of_one_node_never_share_an_address(sc in scenario()) {
+        run_scenario_on(&sc, true);
     }
 }
 
