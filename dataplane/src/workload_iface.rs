@@ -431,7 +431,7 @@ fn configure_container(
         requests.push((
             "adding an address to",
             Request {
-                message: RouteNetlinkMessage::NewAddress(host_address_message(index, *ip)),
+                message: RouteNetlinkMessage::NewAddress(pod_address_message(index, *ip)),
                 flags: NLM_F_CREATE | NLM_F_REPLACE,
             },
         ));
@@ -473,12 +473,9 @@ fn configure_container(
 }
 
 /// `RTM_NEWADDR` for the pod's `/32` or `/128` (IPv6 without DAD).
-fn host_address_message(index: u32, ip: IpAddr) -> netlink_packet_route::address::AddressMessage {
-    let prefix = if ip.is_ipv4() { 32 } else { 128 };
-    let mut msg = messages::address_message(
-        index,
-        IpNet::new(ip, prefix).unwrap_or_else(|_| IpNet::from(ip)),
-    );
+fn pod_address_message(index: u32, ip: IpAddr) -> netlink_packet_route::address::AddressMessage {
+    // IpNet::from(ip) is the host prefix: /32 or /128.
+    let mut msg = messages::address_message(index, IpNet::from(ip));
     if ip.is_ipv6() {
         msg.header.flags = AddressHeaderFlags::Nodad;
         msg.attributes
@@ -685,13 +682,13 @@ mod tests {
 
     #[test]
     fn ipv6_pod_address_skips_duplicate_address_detection() {
-        let msg = host_address_message(3, "fd00::5".parse().unwrap());
+        let msg = pod_address_message(3, "fd00::5".parse().unwrap());
         assert_eq!(msg.header.prefix_len, 128);
         assert!(
             msg.attributes
                 .contains(&AddressAttribute::Flags(AddressFlags::Nodad))
         );
-        let msg = host_address_message(3, "10.0.0.5".parse().unwrap());
+        let msg = pod_address_message(3, "10.0.0.5".parse().unwrap());
         assert_eq!(msg.header.prefix_len, 32);
     }
 

@@ -378,15 +378,13 @@ fn pod_default_routes(ips: &[IpAddr]) -> Vec<Route> {
     let mut routes = Vec::new();
     if ips.iter().any(IpAddr::is_ipv4) {
         routes.push(Route {
-            dst: IpNet::new(IpAddr::from([0u8; 4]), 0)
-                .unwrap_or_else(|_| IpNet::from(IpAddr::from([0u8; 4]))),
+            dst: IpNet::V4(ipnet::Ipv4Net::default()),
             gw: Some(IpAddr::V4(IPV4_GATEWAY)),
         });
     }
     if ips.iter().any(IpAddr::is_ipv6) {
         routes.push(Route {
-            dst: IpNet::new(IpAddr::from([0u16; 8]), 0)
-                .unwrap_or_else(|_| IpNet::from(IpAddr::from([0u16; 8]))),
+            dst: IpNet::V6(ipnet::Ipv6Net::default()),
             gw: Some(IpAddr::V6(IPV6_GATEWAY)),
         });
     }
