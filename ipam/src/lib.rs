@@ -70,19 +70,27 @@
 //!   (block assign/release/invariants in `block`, pool validation, selector, candidate order).
 //!   Deterministic replay of concurrent runs comes from [`MemoryStore`] with
 //!   [`Faults::yield_before_each_op`] under a seeded scheduler (see the crate's tests).
-//! - **Callers serialize per host**, as calico-ipam does with its host-wide lock; different hosts
-//!   may run concurrently against one store.
+//! - **Concurrency.** Safety (never one address twice, no lost allocation) rests only on the
+//!   per-object CAS, whoever runs concurrently, including several requests of one host. The
+//!   `maxBlocksPerHost` limit is exact only when a host's requests are serialized (calico-ipam
+//!   takes a host-wide lock for this); unserialized, claims in flight can overshoot it.
+//! - **Interrupted operations heal.** A host's next auto-assignment finishes or drops what an
+//!   interrupted claim or release left in its affinities; writes whose outcome is unknown leave
+//!   handle counts too high, never too low, so a release by handle still finds every address.
 //!
 //! # Calico semantics kept
 //! Block layout and free-list order; shared attributes, compacted on release; `sequenceNumber`
 //! bumped per change with per-allocation sequence numbers; write order (handle before block on
 //! assign, block before handle on release); two-phase claim (pending → block → confirmed) with
-//! undo on a lost race; `maxBlocksPerHost` counted per address family (0 means
-//! [`DEFAULT_MAX_BLOCKS_PER_HOST`]); borrowing only when `strictAffinity` is false; objects that
-//! Calico marked `deleted` are treated as going away.
+//! undo on a lost race; `maxBlocksPerHost` counted per address family; borrowing only when
+//! `strictAffinity` is false (and a specific address in another host's block refused when true);
+//! object names, including Calico's cut-and-hash of over-long affinity names; objects that Calico
+//! marked `deleted` are treated as going away, and an interrupted block deletion is finished.
 //!
 //! # Choices where tortie differs or decides
-//! Pool overlap is resolved by name order (the first enabled pool wins, later ones are reported);
+//! `maxBlocksPerHost: 0` (or no IPAMConfig) means 20 here, as tortie's issue specifies, where
+//! Calico's allocator reads 0 as "no limit";
+//! pool overlap is resolved by name order (the first enabled pool wins, later ones are reported);
 //! a host's emptied block gives up its affinity unless it is the host's last one of its family;
 //! an auto-assignment is all-or-nothing; the deprecated `ipip`/`nat-outgoing` fields are honoured
 //! when the v3 fields are absent; the leak collector also releases the IPAM of nodes gone for the
