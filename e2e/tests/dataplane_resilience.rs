@@ -419,3 +419,28 @@ fn calico_node_routes_are_adopted_in_place_without_losing_a_packet() {
     assert_eq!(dp.counters().routes_adopted, 3, "{:?}", dp.counters());
     assert!(dp.counters().failures_by_errno.is_empty());
 }
+
+#[test]
+fn periodic_resync_runs_on_its_interval_without_writing() {
+    require_root();
+    let world = two_nodes();
+    let config = Config {
+        resync_interval: Duration::from_millis(100),
+        ..Config::default()
+    };
+    let dp = started(&world, 0, NEVER, config);
+    let before = dp.counters();
+    wait_until("three periodic resyncs", Duration::from_secs(5), || {
+        dp.counters().resyncs >= before.resyncs + 3
+    })
+    .unwrap();
+    let after = dp.counters();
+    assert_eq!(
+        after.writes, before.writes,
+        "a resync of a matching kernel writes nothing: {after:?}"
+    );
+    assert_eq!(
+        routes(&world.node(0).ns, false).unwrap(),
+        world.expected_routes(0, NEVER)
+    );
+}
