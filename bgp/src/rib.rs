@@ -6,7 +6,7 @@
 //! so a route costs a prefix, a peer index and a pointer.
 
 use crate::wire::{Afi, NextHop, Origin, PathAttributes, Update};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -125,10 +125,151 @@ struct Candidate {
     attrs: Arc<RouteAttrs>,
 }
 
+/// Routes for one prefix. Invariant: when non-empty, `candidates[0]` is the best path
+/// (kept there after each decision), which saves storing the best separately.
 #[derive(Debug, Default)]
 struct LocEntry {
     candidates: SmallVec<[Candidate; 1]>,
-    best: Option<Candidate>,
+}
+
+impl LocEntry {
+    fn best(&self) -> Option<&Candidate> {
+        self.candidates.first()
+    }
+}
+
+/// Multiply-rotate hasher for prefix-keyed tables. Keys come from configured peers, not
+/// from anonymous clients, so speed matters more here than hash-flooding resistance.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PrefixHasher(u64);
+
+const HASH_K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl PrefixHasher {
+    #[inline]
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(HASH_K);
+    }
+}
+
+impl std::hash::Hasher for PrefixHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        let x = self.0 ^ (self.0 >> 29);
+        x.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (x >> 32)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        for b in chunks.remainder() {
+            self.add(u64::from(*b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(i.into());
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<PrefixHasher>>;
+
+/// A prefix-keyed map split by family: an IPv4 key takes 5 octets instead of the 18 of
+/// `IpNet`, which is most of the per-route memory in IPv4-heavy tables.
+#[derive(Debug)]
+struct PrefixMap<V> {
+    v4: FastMap<Ipv4Net, V>,
+    v6: FastMap<Ipv6Net, V>,
+}
+
+impl<V> Default for PrefixMap<V> {
+    fn default() -> Self {
+        PrefixMap {
+            v4: FastMap::default(),
+            v6: FastMap::default(),
+        }
+    }
+}
+
+impl<V> PrefixMap<V> {
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+    fn get(&self, prefix: &IpNet) -> Option<&V> {
+        match prefix {
+            IpNet::V4(p) => self.v4.get(p),
+            IpNet::V6(p) => self.v6.get(p),
+        }
+    }
+    fn get_mut(&mut self, prefix: &IpNet) -> Option<&mut V> {
+        match prefix {
+            IpNet::V4(p) => self.v4.get_mut(p),
+            IpNet::V6(p) => self.v6.get_mut(p),
+        }
+    }
+    fn insert(&mut self, prefix: IpNet, value: V) -> Option<V> {
+        match prefix {
+            IpNet::V4(p) => self.v4.insert(p, value),
+            IpNet::V6(p) => self.v6.insert(p, value),
+        }
+    }
+    fn remove(&mut self, prefix: &IpNet) -> Option<V> {
+        match prefix {
+            IpNet::V4(p) => self.v4.remove(p),
+            IpNet::V6(p) => self.v6.remove(p),
+        }
+    }
+    fn get_or_default(&mut self, prefix: IpNet) -> &mut V
+    where
+        V: Default,
+    {
+        match prefix {
+            IpNet::V4(p) => self.v4.entry(p).or_default(),
+            IpNet::V6(p) => self.v6.entry(p).or_default(),
+        }
+    }
+    fn clear(&mut self) {
+        self.v4.clear();
+        self.v6.clear();
+    }
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.v4.values().chain(self.v6.values())
+    }
+    fn iter(&self) -> impl Iterator<Item = (IpNet, &V)> {
+        self.v4
+            .iter()
+            .map(|(p, v)| (IpNet::V4(*p), v))
+            .chain(self.v6.iter().map(|(p, v)| (IpNet::V6(*p), v)))
+    }
+    fn retain(&mut self, mut keep: impl FnMut(&IpNet, &mut V) -> bool) {
+        self.v4.retain(|p, v| keep(&IpNet::V4(*p), v));
+        self.v6.retain(|p, v| keep(&IpNet::V6(*p), v));
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,9 +284,9 @@ struct PeerState {
     address: IpAddr,
     settings: PeerSettings,
     session: Option<PeerSession>,
-    adj_in: HashMap<IpNet, InRoute>,
+    adj_in: PrefixMap<InRoute>,
     accepted: u64,
-    adj_out: HashMap<IpNet, Arc<RouteAttrs>>,
+    adj_out: PrefixMap<Arc<RouteAttrs>>,
 }
 
 /// The speaker's RIBs.
@@ -154,7 +295,7 @@ pub struct Rib {
     config: RibConfig,
     peers: Vec<Option<PeerState>>,
     index: HashMap<IpAddr, u32>,
-    loc: HashMap<IpNet, LocEntry>,
+    loc: PrefixMap<LocEntry>,
     interned: HashSet<Arc<RouteAttrs>>,
     interned_after_gc: usize,
 }
@@ -166,11 +307,18 @@ fn family(prefix: &IpNet) -> Afi {
     }
 }
 
+/// Output being collected during one operation, plus a memo of export results: within one
+/// operation sessions do not change, so equal (target, source, attributes, family) export
+/// to equal attributes. The memo holds the source `Arc`, so its address cannot be reused.
 struct Pending {
     best: Vec<BestChange>,
     out: HashMap<u32, Vec<OutChange>>,
     order: Vec<u32>,
+    export_memo: ExportMemo,
 }
+
+/// (target, source, source attributes address, family) → (source attributes, export result).
+type ExportMemo = HashMap<(u32, u32, usize, Afi), (Arc<RouteAttrs>, Option<Arc<RouteAttrs>>)>;
 
 impl Pending {
     fn new() -> Self {
@@ -178,6 +326,7 @@ impl Pending {
             best: Vec::new(),
             out: HashMap::new(),
             order: Vec::new(),
+            export_memo: HashMap::new(),
         }
     }
     fn push(&mut self, peer: u32, change: OutChange) {
@@ -198,7 +347,7 @@ impl Rib {
             config,
             peers: Vec::new(),
             index: HashMap::new(),
-            loc: HashMap::new(),
+            loc: PrefixMap::default(),
             interned: HashSet::new(),
             interned_after_gc: 0,
         }
@@ -243,9 +392,9 @@ impl Rib {
             address,
             settings,
             session: None,
-            adj_in: HashMap::new(),
+            adj_in: PrefixMap::default(),
             accepted: 0,
-            adj_out: HashMap::new(),
+            adj_out: PrefixMap::default(),
         };
         let idx = match self.peers.iter().position(Option::is_none) {
             Some(free) => {
@@ -285,12 +434,12 @@ impl Rib {
 
     /// Number of prefixes with a best path.
     pub fn loc_rib_len(&self) -> usize {
-        self.loc.values().filter(|e| e.best.is_some()).count()
+        self.loc.values().filter(|e| e.best().is_some()).count()
     }
 
     /// Best path for a prefix.
     pub fn best(&self, prefix: &IpNet) -> Option<BestPath> {
-        let best = self.loc.get(prefix)?.best.as_ref()?;
+        let best = self.loc.get(prefix)?.best()?;
         Some(self.best_path(best))
     }
 
@@ -298,7 +447,7 @@ impl Rib {
     pub fn best_paths(&self) -> Vec<(IpNet, BestPath)> {
         self.loc
             .iter()
-            .filter_map(|(p, e)| Some((*p, self.best_path(e.best.as_ref()?))))
+            .filter_map(|(p, e)| Some((p, self.best_path(e.best()?))))
             .collect()
     }
 
@@ -310,7 +459,7 @@ impl Rib {
             .map(|p| {
                 p.adj_in
                     .iter()
-                    .map(|(prefix, r)| (*prefix, r.attrs.clone(), r.accepted, r.stale))
+                    .map(|(prefix, r)| (prefix, r.attrs.clone(), r.accepted, r.stale))
                     .collect()
             })
             .unwrap_or_default()
@@ -321,7 +470,7 @@ impl Rib {
         self.index
             .get(&address)
             .and_then(|i| self.peer(*i))
-            .map(|p| p.adj_out.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .map(|p| p.adj_out.iter().map(|(k, v)| (k, v.clone())).collect())
             .unwrap_or_default()
     }
 
@@ -398,14 +547,13 @@ impl Rib {
             p.session = Some(session);
             p.adj_out.clear();
         }
-        let prefixes: Vec<IpNet> = self
+        let bests: Vec<(IpNet, Candidate)> = self
             .loc
             .iter()
-            .filter(|(_, e)| e.best.is_some())
-            .map(|(p, _)| *p)
+            .filter_map(|(p, e)| Some((p, e.best()?.clone())))
             .collect();
-        for prefix in prefixes {
-            self.export_to(idx, prefix, &mut pending);
+        for (prefix, best) in bests {
+            self.export_to(idx, prefix, Some(&best), &mut pending);
         }
         for afi in families {
             pending.push(idx, OutChange::EndOfRib(afi));
@@ -477,7 +625,7 @@ impl Rib {
         p.adj_out
             .iter()
             .filter(|(prefix, _)| family(prefix) == afi)
-            .map(|(prefix, attrs)| OutChange::Announce(*prefix, attrs.clone()))
+            .map(|(prefix, attrs)| OutChange::Announce(prefix, attrs.clone()))
             .collect()
     }
 
@@ -591,7 +739,17 @@ impl Rib {
         attrs: Option<Arc<RouteAttrs>>,
         pending: &mut Pending,
     ) {
-        let entry = self.loc.entry(prefix).or_default();
+        let peers = &self.peers;
+        let config = &self.config;
+        let entry = if attrs.is_some() {
+            self.loc.get_or_default(prefix)
+        } else {
+            match self.loc.get_mut(&prefix) {
+                Some(e) => e,
+                None => return,
+            }
+        };
+        let old = entry.best().map(|c| (c.source, Arc::as_ptr(&c.attrs)));
         let pos = entry.candidates.iter().position(|c| c.source == source);
         match (pos, attrs) {
             (Some(i), Some(a)) => {
@@ -602,33 +760,18 @@ impl Rib {
             }
             (None, Some(a)) => entry.candidates.push(Candidate { source, attrs: a }),
             (Some(i), None) => {
-                entry.candidates.swap_remove(i);
+                entry.candidates.remove(i);
             }
-            (None, None) => {
-                if entry.candidates.is_empty() {
-                    self.loc.remove(&prefix);
-                }
-                return;
-            }
+            (None, None) => return,
         }
-        let new_best = {
-            let entry = &self.loc[&prefix];
-            select_best(&entry.candidates, |s| self.peer_view(s), &self.config)
-                .map(|i| entry.candidates[i].clone())
-        };
-        let Some(entry) = self.loc.get_mut(&prefix) else {
-            return;
-        };
-        let changed = match (&entry.best, &new_best) {
-            (Some(a), Some(b)) => a.source != b.source || !Arc::ptr_eq(&a.attrs, &b.attrs),
-            (None, None) => false,
-            _ => true,
-        };
-        entry.best = new_best.clone();
-        if entry.candidates.is_empty() {
+        if let Some(b) = select_best(&entry.candidates, |s| peer_view(peers, config, s), config) {
+            entry.candidates.swap(0, b);
+        }
+        let new_best = entry.best().cloned();
+        if new_best.is_none() {
             self.loc.remove(&prefix);
         }
-        if !changed {
+        if old == new_best.as_ref().map(|c| (c.source, Arc::as_ptr(&c.attrs))) {
             return;
         }
         pending.best.push(BestChange {
@@ -637,29 +780,42 @@ impl Rib {
         });
         for idx in 0..self.peers.len() as u32 {
             if self.peer(idx).is_some_and(|p| p.session.is_some()) {
-                self.export_to(idx, prefix, pending);
+                self.export_to(idx, prefix, new_best.as_ref(), pending);
             }
         }
     }
 
-    fn peer_view(&self, source: u32) -> Option<PeerView> {
-        let p = self.peer(source)?;
-        Some(PeerView {
-            address: p.address,
-            ebgp: p.settings.remote_as != self.config.local_as,
-            remote_id: p
-                .session
-                .as_ref()
-                .map_or(Ipv4Addr::BROADCAST, |s| s.remote_id),
-            remote_as: p.settings.remote_as,
-        })
-    }
-
-    /// Compute what `target` should have for `prefix` and queue the difference.
-    fn export_to(&mut self, target: u32, prefix: IpNet, pending: &mut Pending) {
-        let best = self.loc.get(&prefix).and_then(|e| e.best.clone());
-        let wanted = best.and_then(|b| self.export_attrs(&b, target, &prefix));
-        let wanted = wanted.map(|a| self.intern(a));
+    /// Compute what `target` should have for `prefix` (whose best is `best`) and queue the difference.
+    fn export_to(
+        &mut self,
+        target: u32,
+        prefix: IpNet,
+        best: Option<&Candidate>,
+        pending: &mut Pending,
+    ) {
+        let wanted = match best {
+            None => None,
+            Some(b) => {
+                let key = (
+                    target,
+                    b.source,
+                    Arc::as_ptr(&b.attrs) as usize,
+                    family(&prefix),
+                );
+                match pending.export_memo.get(&key) {
+                    Some((_, result)) => result.clone(),
+                    None => {
+                        let result = self
+                            .export_attrs(b, target, &prefix)
+                            .map(|a| self.intern(a));
+                        pending
+                            .export_memo
+                            .insert(key, (b.attrs.clone(), result.clone()));
+                        result
+                    }
+                }
+            }
+        };
         let Some(Some(p)) = self.peers.get_mut(target as usize) else {
             return;
         };
@@ -750,6 +906,19 @@ impl Rib {
         }
         Some(attrs)
     }
+}
+
+fn peer_view(peers: &[Option<PeerState>], config: &RibConfig, source: u32) -> Option<PeerView> {
+    let p = peers.get(source as usize)?.as_ref()?;
+    Some(PeerView {
+        address: p.address,
+        ebgp: p.settings.remote_as != config.local_as,
+        remote_id: p
+            .session
+            .as_ref()
+            .map_or(Ipv4Addr::BROADCAST, |s| s.remote_id),
+        remote_as: p.settings.remote_as,
+    })
 }
 
 #[derive(Clone, Copy)]

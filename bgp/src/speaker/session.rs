@@ -12,6 +12,7 @@ use crate::wire::{
 };
 use bytes::BytesMut;
 use ipnet::IpNet;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -769,62 +770,62 @@ async fn write_actions(conn: &mut Conn, actions: &[Action]) -> std::io::Result<(
     Ok(())
 }
 
-/// Pack outbound changes into UPDATEs: withdrawals first, announcements grouped by shared
-/// attributes, End-of-RIB markers after everything queued before them.
+/// Pack outbound changes into UPDATEs: End-of-RIB markers stay after everything queued
+/// before them; between markers the last change per prefix wins, withdrawals go first and
+/// announcements are grouped by shared attributes.
 pub(crate) fn build_updates(changes: &[OutChange], ctx: &DecodeContext) -> Vec<Update> {
     let mut updates = Vec::new();
-    let mut withdrawn: Vec<IpNet> = Vec::new();
-    let mut groups: Vec<(Arc<RouteAttrs>, Vec<IpNet>)> = Vec::new();
-    let flush = |updates: &mut Vec<Update>,
-                 withdrawn: &mut Vec<IpNet>,
-                 groups: &mut Vec<(Arc<RouteAttrs>, Vec<IpNet>)>| {
-        updates.extend(Update::withdrawals(withdrawn));
-        withdrawn.clear();
-        for (attrs, prefixes) in groups.drain(..) {
-            updates.extend(Update::announcements(
-                &attrs.path,
-                attrs.next_hop,
-                &prefixes,
-                ctx,
-            ));
-        }
-    };
-    for change in changes {
-        match change {
-            OutChange::Withdraw(prefix) => {
-                // A later withdrawal cancels an earlier queued announcement of the same prefix.
-                for (_, prefixes) in groups.iter_mut() {
-                    prefixes.retain(|p| p != prefix);
-                }
-                withdrawn.push(*prefix);
-            }
-            OutChange::Announce(prefix, attrs) => {
-                withdrawn.retain(|p| p != prefix);
-                for (_, prefixes) in groups.iter_mut() {
-                    prefixes.retain(|p| p != prefix);
-                }
-                match groups.iter_mut().find(|(a, _)| {
-                    Arc::ptr_eq(a, attrs) && family_of(&a.next_hop) == family_of_prefix(prefix)
-                }) {
-                    Some((_, prefixes)) => prefixes.push(*prefix),
-                    None => groups.push((attrs.clone(), vec![*prefix])),
-                }
-            }
-            OutChange::EndOfRib(afi) => {
-                flush(&mut updates, &mut withdrawn, &mut groups);
-                updates.push(Update::end_of_rib(*afi));
-            }
+    let mut segment_start = 0;
+    for (i, change) in changes.iter().enumerate() {
+        if let OutChange::EndOfRib(afi) = change {
+            pack_segment(&changes[segment_start..i], ctx, &mut updates);
+            updates.push(Update::end_of_rib(*afi));
+            segment_start = i + 1;
         }
     }
-    groups.retain(|(_, p)| !p.is_empty());
-    flush(&mut updates, &mut withdrawn, &mut groups);
+    pack_segment(&changes[segment_start..], ctx, &mut updates);
     updates
 }
 
-fn family_of(next_hop: &crate::wire::NextHop) -> Afi {
-    match next_hop {
-        crate::wire::NextHop::V4(_) => Afi::Ipv4,
-        crate::wire::NextHop::V6 { .. } => Afi::Ipv6,
+fn pack_segment(segment: &[OutChange], ctx: &DecodeContext, updates: &mut Vec<Update>) {
+    if segment.is_empty() {
+        return;
+    }
+    let prefix_of = |c: &OutChange| match c {
+        OutChange::Announce(p, _) | OutChange::Withdraw(p) => Some(*p),
+        OutChange::EndOfRib(_) => None,
+    };
+    let mut last: HashMap<IpNet, usize> = HashMap::with_capacity(segment.len());
+    for (i, change) in segment.iter().enumerate() {
+        if let Some(p) = prefix_of(change) {
+            last.insert(p, i);
+        }
+    }
+    let mut withdrawn: Vec<IpNet> = Vec::new();
+    let mut groups: Vec<(Arc<RouteAttrs>, Vec<IpNet>)> = Vec::new();
+    let mut group_of: HashMap<(*const RouteAttrs, Afi), usize> = HashMap::new();
+    for (i, change) in segment.iter().enumerate() {
+        match change {
+            OutChange::Withdraw(p) if last.get(p) == Some(&i) => withdrawn.push(*p),
+            OutChange::Announce(p, attrs) if last.get(p) == Some(&i) => {
+                let key = (Arc::as_ptr(attrs), family_of_prefix(p));
+                let index = *group_of.entry(key).or_insert_with(|| {
+                    groups.push((attrs.clone(), Vec::new()));
+                    groups.len() - 1
+                });
+                groups[index].1.push(*p);
+            }
+            _ => {}
+        }
+    }
+    updates.extend(Update::withdrawals(&withdrawn));
+    for (attrs, prefixes) in groups {
+        updates.extend(Update::announcements(
+            &attrs.path,
+            attrs.next_hop,
+            &prefixes,
+            ctx,
+        ));
     }
 }
 
