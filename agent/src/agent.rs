@@ -142,6 +142,10 @@ struct Agent {
     started: Instant,
     ready_tx: watch::Sender<bool>,
     metrics_text: crate::http::MetricsText,
+    /// natOutgoing's nftables table; `None` when nftables is unusable here (logged once).
+    nat: Option<dp::nat::NatOutgoing>,
+    last_nat: Option<dp::nat::NatInputs>,
+    ticks: u64,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -208,6 +212,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         started: Instant::now(),
         ready_tx,
         metrics_text,
+        nat: match dp::nat::NatOutgoing::open() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                error!(error = %e, "nftables unavailable: natOutgoing will not be applied");
+                None
+            }
+        },
+        last_nat: None,
+        ticks: 0,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -491,8 +504,29 @@ impl Agent {
                 })
             })
             .collect();
-        let inputs =
-            view.dataplane_inputs(workloads, &learned, &self.node.uplink, self.node.uplink_mtu);
+        let inputs = view.dataplane_inputs(
+            workloads,
+            &learned,
+            &self.node.uplink,
+            self.node.uplink_mtu,
+            self.node.default_gateway_v4,
+        );
+        tracing::debug!(remote_blocks = ?inputs.remote_blocks, owned = ?inputs.owned_blocks, "desired inputs");
+        if caches.pools.borrow().synced {
+            let nat = dp::nat::NatInputs {
+                masquerade: view
+                    .pools
+                    .valid
+                    .iter()
+                    .filter(|p| p.nat_outgoing)
+                    .map(|p| p.cidr)
+                    .collect(),
+                all_pools: view.pools.valid.iter().map(|p| p.cidr).collect(),
+            };
+            if self.last_nat.as_ref() != Some(&nat) {
+                self.apply_nat(nat);
+            }
+        }
         if let Err(e) = self.dataplane.set_desired(inputs) {
             errors.push(format!("dataplane inputs: {e}"));
         }
@@ -506,7 +540,31 @@ impl Agent {
         self.maybe_complete(caches).await;
     }
 
+    /// Makes tortie's nftables table match the pools (level-triggered; a no-op writes nothing).
+    fn apply_nat(&mut self, inputs: dp::nat::NatInputs) {
+        let Some(nat) = self.nat.as_mut() else { return };
+        match nat.apply(&inputs) {
+            Ok(change) => {
+                if change != dp::nat::NatChange::Unchanged {
+                    info!(?change, masquerade = ?inputs.masquerade, "natOutgoing applied");
+                }
+                self.last_nat = Some(inputs);
+            }
+            Err(e) => {
+                warn!(error = %e, "applying natOutgoing failed; retrying on the next tick");
+                self.last_nat = None;
+            }
+        }
+    }
+
     async fn on_tick(&mut self, caches: &Caches) {
+        self.ticks += 1;
+        // Repairs tampering with tortie's nftables table, as the route resync does for routes.
+        if self.ticks % 30 == 0
+            && let Some(inputs) = self.last_nat.clone()
+        {
+            self.apply_nat(inputs);
+        }
         self.maybe_complete(caches).await;
         // Ready means: the desired state was complete once and the datastore is reachable now.
         // An outage changes readiness only; the kernel keeps every route.

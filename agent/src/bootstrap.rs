@@ -28,6 +28,9 @@ pub struct NodeIdentity {
     /// The interface holding the node address (the underlay for routes and VXLAN).
     pub uplink: String,
     pub uplink_mtu: u32,
+    /// The IPv4 default gateway, through which plainly routed blocks of nodes on other
+    /// subnets are reached (what BIRD's `gateway recursive` resolves to).
+    pub default_gateway_v4: Option<std::net::Ipv4Addr>,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -89,6 +92,7 @@ pub async fn bootstrap(client: &Client, cfg: &Config) -> Result<NodeIdentity> {
         addr_v6,
         uplink,
         uplink_mtu,
+        default_gateway_v4: default_gateway_v4(),
         labels: node.metadata.labels.unwrap_or_default(),
     })
 }
@@ -128,6 +132,39 @@ pub async fn patch_annotations(
         .await
         .with_context(|| format!("writing annotations on Node {name}"))?;
     Ok(())
+}
+
+/// The main table's IPv4 default gateway, from /proc/net/route (hex, little-endian fields).
+fn default_gateway_v4() -> Option<std::net::Ipv4Addr> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    parse_default_gateway(&table)
+}
+
+fn parse_default_gateway(table: &str) -> Option<std::net::Ipv4Addr> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dest, gw, mask) = (f.get(1)?, f.get(2)?, f.get(7)?);
+        if *dest != "00000000" || *mask != "00000000" {
+            return None;
+        }
+        let gw = u32::from_str_radix(gw, 16).ok()?;
+        (gw != 0).then(|| std::net::Ipv4Addr::from(gw.swap_bytes()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_gateway_is_read_from_proc_net_route() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t01004D0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t00004D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            super::parse_default_gateway(table),
+            Some("10.77.0.1".parse().unwrap())
+        );
+        assert_eq!(super::parse_default_gateway("Iface\n"), None);
+    }
 }
 
 fn read_mtu(ifname: &str) -> Option<u32> {

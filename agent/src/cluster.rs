@@ -178,6 +178,7 @@ impl ClusterView {
         learned: &[LearnedRoute],
         uplink: &str,
         uplink_mtu: u32,
+        default_gateway_v4: Option<Ipv4Addr>,
     ) -> dp::Inputs {
         let me = self.my_node();
         let pools = self
@@ -219,6 +220,23 @@ impl ClusterView {
         for r in learned {
             if !mine.contains(&r.prefix) && !self.is_own_address(r.next_hop) {
                 remote.entry(r.prefix).or_insert(r.next_hop);
+            }
+        }
+        // A plainly routed block (no tunnel in its pool) of a node on another subnet is reached
+        // through our gateway, as BIRD's `gateway recursive` resolves it; the router must know
+        // the block (a ToR peered through BGPPeer), as with Calico.
+        if let (Some(gw), Some(my_net)) = (default_gateway_v4, me.and_then(|n| n.addr_v4)) {
+            for (block, next_hop) in remote.iter_mut() {
+                let routed = self
+                    .pools
+                    .containing(block.addr())
+                    .is_none_or(|p| !p.ipip_mode.is_enabled() && !p.vxlan_mode.is_enabled());
+                if let IpAddr::V4(nh) = next_hop
+                    && routed
+                    && !my_net.contains(&*nh)
+                {
+                    *next_hop = IpAddr::V4(gw);
+                }
             }
         }
         dp::Inputs {
@@ -527,7 +545,7 @@ mod tests {
     #[test]
     fn other_nodes_blocks_become_remote_blocks_via_their_address() {
         let v = view();
-        let inputs = v.dataplane_inputs(vec![], &[], "eth0", 1500);
+        let inputs = v.dataplane_inputs(vec![], &[], "eth0", 1500, None);
         let remote: Vec<String> = inputs
             .remote_blocks
             .iter()
@@ -558,7 +576,7 @@ mod tests {
                 next_hop: "10.77.0.11".parse().unwrap(),
             },
         ];
-        let inputs = v.dataplane_inputs(vec![], &learned, "eth0", 1500);
+        let inputs = v.dataplane_inputs(vec![], &learned, "eth0", 1500, None);
         assert!(
             inputs
                 .remote_blocks
@@ -570,6 +588,40 @@ mod tests {
                 .remote_blocks
                 .iter()
                 .any(|r| r.cidr.to_string() == "10.244.0.0/26")
+        );
+    }
+
+    #[test]
+    fn routed_blocks_of_other_subnets_go_through_the_gateway_tunnelled_ones_do_not() {
+        let mut v = view();
+        let gw = Some("10.77.0.1".parse().unwrap());
+        // CrossSubnet pool: c's block keeps c's address so the dataplane can choose the tunnel.
+        let inputs = v.dataplane_inputs(vec![], &[], "eth0", 1500, gw);
+        let c_route = inputs
+            .remote_blocks
+            .iter()
+            .find(|r| r.cidr.to_string() == "10.244.1.0/26")
+            .unwrap();
+        assert_eq!(c_route.node_ip.to_string(), "10.77.1.10");
+        // A plainly routed pool: c is on another subnet, so its block goes via the gateway;
+        // b shares our subnet and stays direct.
+        let pool = IpPool::new(
+            "p",
+            IpPoolSpec {
+                cidr: "10.244.0.0/16".into(),
+                ..Default::default()
+            },
+        );
+        v.pools = validate_pools(&[pool]);
+        let inputs = v.dataplane_inputs(vec![], &[], "eth0", 1500, gw);
+        let hops: Vec<String> = inputs
+            .remote_blocks
+            .iter()
+            .map(|r| format!("{} {}", r.cidr, r.node_ip))
+            .collect();
+        assert_eq!(
+            hops,
+            vec!["10.244.0.64/26 10.77.0.11", "10.244.1.0/26 10.77.0.1"]
         );
     }
 

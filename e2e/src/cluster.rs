@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::apiserver::{ApiServerOptions, TestApiServer};
 use crate::daemons::{Owned, WorkDir};
+use crate::netns::Netns;
 use crate::topology::{Topology, TopologySpec};
 use crate::wait::wait_for;
 
@@ -247,6 +248,12 @@ impl TestCluster {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// The agent's Prometheus text from its metrics port (127.0.0.1:9091 in the node namespace).
+    pub fn metrics(&self, node: &str) -> Result<String> {
+        let script = "exec 3<>/dev/tcp/127.0.0.1/9091; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+        self.topo.node(node).ns.run(&["bash", "-c", script])
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.api.kubectl_ok(args.iter().copied())
     }
@@ -257,6 +264,124 @@ impl TestCluster {
             .iter()
             .map(|a| format!("--- agent {} ---\n{}\n", a.node, tail(&a.log(), 30)))
             .collect()
+    }
+}
+
+/// A pod made through the CNI plugin, exactly as a container runtime would.
+#[derive(Debug)]
+pub struct TestPod {
+    pub name: String,
+    pub node: String,
+    pub container_id: String,
+    pub ip: IpAddr,
+    /// The plugin's result JSON.
+    pub result: serde_json::Value,
+    pub ns: Netns,
+}
+
+impl TestCluster {
+    /// The plugin config a runtime would pass for tortie's entry of the agent's conflist.
+    fn cni_config(&self, node: &str) -> Result<String> {
+        let path = self.agent(node).cni_conf_dir().join("10-tortie.conflist");
+        let list: serde_json::Value = serde_json::from_slice(
+            &fs::read(&path)
+                .with_context(|| format!("reading {} (is the agent ready?)", path.display()))?,
+        )?;
+        let mut conf = list["plugins"][0].clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        Ok(conf.to_string())
+    }
+
+    /// Runs the `tortie` binary as a CNI plugin on `node`; returns stdout JSON or the error JSON.
+    pub fn cni(
+        &self,
+        node: &str,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+        pod: &str,
+    ) -> Result<serde_json::Value> {
+        use std::io::Write as _;
+        let conf = self.cni_config(node)?;
+        let mut child = self
+            .topo
+            .node(node)
+            .ns
+            .command(tortie_binary()?)
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_ARGS", format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id}"))
+            .env("TORTIE_RUN_DIR", self.agent(node).run_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout: serde_json::Value = if out.stdout.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "plugin printed non-JSON: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                )
+            })?
+        };
+        if !out.status.success() {
+            bail!(
+                "CNI {command} for {pod} on {node} failed: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Creates a pod namespace and runs CNI ADD for it on `node`.
+    pub fn add_pod(&self, node: &str, name: &str) -> Result<TestPod> {
+        let ns = Netns::create(&format!("pod-{name}"))?;
+        let container_id = format!("{:016x}{name}", std::process::id());
+        let result = self.cni(
+            node,
+            "ADD",
+            &container_id,
+            &format!("/var/run/netns/{}", ns.name()),
+            name,
+        )?;
+        let ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in CNI result {result}"))?;
+        Ok(TestPod {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            container_id,
+            ip,
+            result,
+            ns,
+        })
+    }
+
+    /// CNI DEL for a pod (the namespace goes when the `TestPod` drops).
+    pub fn del_pod(&self, pod: &TestPod) -> Result<()> {
+        self.cni(
+            &pod.node,
+            "DEL",
+            &pod.container_id,
+            &format!("/var/run/netns/{}", pod.ns.name()),
+            &pod.name,
+        )?;
+        Ok(())
     }
 }
 
