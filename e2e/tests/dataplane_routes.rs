@@ -156,6 +156,19 @@ fn vxlan_always_builds_device_neighbours_fdb_and_onlink_routes() {
     let c = dps[0].counters();
     assert_eq!(c.routes_by_kind[&RouteKind::Vxlan], 4, "{c:?}");
     assert!(c.failures_by_errno.is_empty(), "{c:?}");
+
+    // The devices as read back match what was asked: a full resync rewrites nothing.
+    let before = dps[0].counters();
+    dps[0].resync_now();
+    wait_until("a resync", Duration::from_secs(5), || {
+        dps[0].counters().resyncs > before.resyncs
+    })
+    .unwrap();
+    let after = dps[0].counters();
+    assert_eq!(
+        after.writes, before.writes,
+        "resync rewrote something: {after:?}"
+    );
 }
 
 #[test]
