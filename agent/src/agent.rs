@@ -560,7 +560,7 @@ impl Agent {
     async fn on_tick(&mut self, caches: &Caches) {
         self.ticks += 1;
         // Repairs tampering with tortie's nftables table, as the route resync does for routes.
-        if self.ticks % 30 == 0
+        if self.ticks.is_multiple_of(30)
             && let Some(inputs) = self.last_nat.clone()
         {
             self.apply_nat(inputs);
