@@ -14,7 +14,8 @@
 //!   [`PoolError`]s naming pool and field; [`Selector`] parses and evaluates `nodeSelector`;
 //!   [`PoolSet::usage`] gives [`PoolUsage`] (blocks, addresses in use and free) for metrics.
 //! - Store: [`Store`] (async, CAS, with a `backoff` hook), [`StoreError`], [`MemoryStore`] with
-//!   [`Faults`] (injected conflicts, forced task switches) and [`StoreStats`].
+//!   [`Faults`] (injected conflicts, forced task switches) and [`StoreStats`];
+//!   [`check_store_contract`] checks another implementation's CAS behaviour.
 //! - Allocator: [`Ipam`] — [`Ipam::auto_assign`], [`Ipam::assign_ip`], [`Ipam::release_by_handle`],
 //!   [`Ipam::release_ips`], [`Ipam::ips_by_handle`], [`Ipam::host_blocks`] (for BGP),
 //!   [`Ipam::release_node`], [`Ipam::ensure_tunnel_address`], [`Ipam::pools`], [`Ipam::settings`].
@@ -120,4 +121,6 @@ pub use model::{
 };
 pub use pool::{AllowedUse, EncapMode, Pool, PoolError, PoolSet, PoolUsage, validate_pools};
 pub use selector::{Selector, SelectorError};
-pub use store::{Faults, MemoryStore, Store, StoreError, StoreStats};
+pub use store::{
+    ContractViolation, Faults, MemoryStore, Store, StoreError, StoreStats, check_store_contract,
+};

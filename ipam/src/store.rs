@@ -479,3 +479,177 @@ impl Store for MemoryStore {
         std::future::ready(())
     }
 }
+
+/// A way in which a [`Store`] implementation breaks the contract the allocator relies on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("store contract, step {step:?}: {problem}")]
+pub struct ContractViolation {
+    /// Which step of [`check_store_contract`] failed.
+    pub step: &'static str,
+    /// What was expected and what happened.
+    pub problem: String,
+}
+
+/// Exercises a store's compare-and-swap contract with one scratch IPAMHandle named
+/// `<name_prefix>-store-contract` (removed again on success): create / duplicate create, get,
+/// update with the current and with a stale revision, delete with a stale and the current
+/// revision, and the errors after deletion. Meant for an implementation's own tests, e.g. the
+/// agent's store against a real API server.
+pub async fn check_store_contract<S: Store>(
+    store: &S,
+    name_prefix: &str,
+) -> Result<(), ContractViolation> {
+    use crate::model::{IpamHandle, IpamHandleSpec};
+    use std::collections::BTreeMap;
+
+    fn fail<T>(step: &'static str, problem: String) -> Result<T, ContractViolation> {
+        Err(ContractViolation { step, problem })
+    }
+    let name = format!("{name_prefix}-store-contract");
+    let mut handle = IpamHandle::new(
+        name.clone(),
+        IpamHandleSpec {
+            handle_id: name.clone(),
+            block: BTreeMap::from([("10.255.255.0/26".to_string(), 1)]),
+            deleted: None,
+            extra: Default::default(),
+        },
+    );
+
+    let created = match store.create(&handle).await {
+        Ok(c) => c,
+        Err(e) => return fail("create", format!("expected success, got {e}")),
+    };
+    let Some(r1) = created.metadata.resource_version.clone() else {
+        return fail("create", "returned object has no resourceVersion".into());
+    };
+    match store.create(&handle).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => {
+            return fail(
+                "create twice",
+                format!("expected AlreadyExists, got {other:?}"),
+            );
+        }
+    }
+    match store.get::<IpamHandle>(&name).await {
+        Ok(got) if got.metadata.resource_version.as_deref() == Some(r1.as_str()) => {
+            if got.spec != handle.spec {
+                return fail("get", format!("spec changed: {:?}", got.spec));
+            }
+        }
+        other => return fail("get", format!("expected revision {r1}, got {other:?}")),
+    }
+
+    handle.metadata.resource_version = Some(r1.clone());
+    handle.spec.block.insert("10.255.255.64/26".to_string(), 2);
+    let r2 = match store.update(&handle).await {
+        Ok(u) => match u.metadata.resource_version {
+            Some(r2) if r2 != r1 => r2,
+            other => return fail("update", format!("revision not advanced: {other:?}")),
+        },
+        Err(e) => return fail("update", format!("expected success, got {e}")),
+    };
+    match store.update(&handle).await {
+        Err(StoreError::Conflict { .. }) => {}
+        other => return fail("stale update", format!("expected Conflict, got {other:?}")),
+    }
+    match store.delete::<IpamHandle>(&name, &r1).await {
+        Err(StoreError::Conflict { .. }) => {}
+        other => return fail("stale delete", format!("expected Conflict, got {other:?}")),
+    }
+    match store.list::<IpamHandle>().await {
+        Ok(all) => {
+            let found = all.iter().find(|h| h.metadata.name == name);
+            if found.and_then(|h| h.metadata.resource_version.as_deref()) != Some(r2.as_str()) {
+                return fail(
+                    "list",
+                    format!("expected {name} at revision {r2}, got {found:?}"),
+                );
+            }
+        }
+        Err(e) => return fail("list", format!("expected success, got {e}")),
+    }
+    if let Err(e) = store.delete::<IpamHandle>(&name, &r2).await {
+        return fail("delete", format!("expected success, got {e}"));
+    }
+    match store.get::<IpamHandle>(&name).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => return fail("get deleted", format!("expected NotFound, got {other:?}")),
+    }
+    match store.delete::<IpamHandle>(&name, &r2).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => {
+            return fail(
+                "delete deleted",
+                format!("expected NotFound, got {other:?}"),
+            );
+        }
+    }
+    handle.metadata.resource_version = Some(r2);
+    match store.update(&handle).await {
+        // The API server answers 404 or 409 here depending on version; both keep CAS safe.
+        Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => Ok(()),
+        other => fail(
+            "update deleted",
+            format!("expected NotFound or Conflict, got {other:?}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_on<F: Future>(fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..1000 {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+        panic!("memory store blocked");
+    }
+
+    #[test]
+    fn memory_store_meets_the_contract_and_cleans_up() {
+        let store = MemoryStore::new();
+        block_on(check_store_contract(&store, "t")).unwrap();
+        assert!(store.snapshot::<crate::IpamHandle>().is_empty());
+        // Again on the same store: nothing left behind blocks a second run.
+        block_on(check_store_contract(&store, "t")).unwrap();
+    }
+
+    /// A store that ignores revisions on update: what the contract check must catch.
+    struct BlindUpdates(MemoryStore);
+
+    impl Store for BlindUpdates {
+        async fn get<K: Resource>(&self, name: &str) -> Result<K, StoreError> {
+            self.0.get(name).await
+        }
+        async fn list<K: Resource>(&self) -> Result<Vec<K>, StoreError> {
+            self.0.list().await
+        }
+        async fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+            self.0.create(obj).await
+        }
+        async fn update<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+            let mut current: K = self.0.get(&obj.metadata().name).await?;
+            let rev = current.metadata().resource_version.clone();
+            current = obj.clone();
+            current.metadata_mut().resource_version = rev;
+            self.0.update(&current).await
+        }
+        async fn delete<K: Resource>(&self, name: &str, revision: &str) -> Result<(), StoreError> {
+            self.0.delete::<K>(name, revision).await
+        }
+    }
+
+    #[test]
+    fn contract_check_catches_an_update_without_cas() {
+        let err =
+            block_on(check_store_contract(&BlindUpdates(MemoryStore::new()), "t")).unwrap_err();
+        assert_eq!(err.step, "stale update");
+    }
+}
