@@ -58,6 +58,7 @@ pub struct Counters {
     pub apply_seconds_max: f64,
     /// Generation of the inputs last applied (see `Dataplane::set_desired`).
     pub generation_applied: u64,
+    /// The latest distinct refusals (at most 32), each naming the object and errno.
     pub recent_errors: Vec<String>,
 }
 
@@ -540,10 +541,14 @@ impl Reconciler {
             .or_default() += 1;
         let err = ApplyError { op, object, nack };
         tracing::warn!(error = %err, "kernel refused a dataplane change");
-        if self.counters.recent_errors.len() >= KEPT_ERRORS {
-            self.counters.recent_errors.remove(0);
+        // A refusal repeated on every retry is listed once.
+        let text = err.to_string();
+        if !self.counters.recent_errors.contains(&text) {
+            if self.counters.recent_errors.len() >= KEPT_ERRORS {
+                self.counters.recent_errors.remove(0);
+            }
+            self.counters.recent_errors.push(text);
         }
-        self.counters.recent_errors.push(err.to_string());
         report.failures.push(err);
     }
 
