@@ -326,9 +326,19 @@ impl Session {
 
     /// Feed the primary FSM and carry out its actions.
     async fn feed(&mut self, event: Event) {
-        let actions = self.fsm.on_event(event);
-        for action in actions {
-            self.perform(action).await;
+        // Actions can fail in ways that are themselves FSM events (a write that cannot
+        // complete is a TCP failure); those are queued rather than fed recursively.
+        let mut queue = std::collections::VecDeque::from([event]);
+        let mut bounded = 0;
+        while let Some(event) = queue.pop_front() {
+            bounded += 1;
+            for action in self.fsm.on_event(event) {
+                if let Some(follow_up) = self.perform(action).await
+                    && bounded < 8
+                {
+                    queue.push_back(follow_up);
+                }
+            }
         }
         self.shared.set_state(self.fsm.state());
         if self.fsm.state() == State::Idle && !self.removed && self.idle_restart.is_none() {
@@ -336,7 +346,41 @@ impl Session {
         }
     }
 
-    async fn perform(&mut self, action: Action) {
+    /// How long one write may take before the connection counts as failed: a peer that
+    /// stops reading must not stall this task past its hold time.
+    fn write_limit(&self) -> Duration {
+        match self.fsm.negotiated().map(|n| n.hold_time) {
+            Some(hold) if hold > 0 => Duration::from_secs(hold.into()),
+            _ => crate::fsm::LARGE_HOLD_TIME,
+        }
+    }
+
+    /// Write to the primary connection; `Err` means the connection is unusable.
+    async fn write_primary(&mut self, bytes: &[u8], messages: u64) -> Result<(), ()> {
+        let limit = self.write_limit();
+        let Some(conn) = self.primary.as_mut() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(limit, conn.writer.write_all(bytes)).await {
+            Ok(Ok(())) => {
+                self.shared.count_out(messages);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "bgp write failed");
+                self.shared.set_error(format!("write: {e}"));
+                Err(())
+            }
+            Err(_) => {
+                warn!(?limit, "bgp write stalled: peer is not reading");
+                self.shared
+                    .set_error(format!("write stalled for {limit:?}"));
+                Err(())
+            }
+        }
+    }
+
+    async fn perform(&mut self, action: Action) -> Option<Event> {
         match action {
             Action::Connect => self.start_connect(),
             Action::Disconnect => {
@@ -352,11 +396,10 @@ impl Session {
                 }
                 let mut buf = BytesMut::with_capacity(64);
                 message.encode(&mut buf, &self.ctx);
-                if let Some(conn) = self.primary.as_mut() {
-                    match conn.writer.write_all(&buf).await {
-                        Ok(()) => self.shared.count_out(1),
-                        Err(e) => debug!(error = %e, "bgp write failed"),
-                    }
+                let is_notification = matches!(message, Message::Notification(_));
+                // After a NOTIFICATION the connection is closed anyway.
+                if self.write_primary(&buf, 1).await.is_err() && !is_notification {
+                    return Some(Event::TcpConnectionFails);
                 }
             }
             Action::StartTimer(timer, after) => {
@@ -366,6 +409,7 @@ impl Session {
             Action::SessionUp(negotiated) => self.session_up(negotiated),
             Action::SessionDown(reason) => self.session_down(reason),
         }
+        None
     }
 
     fn start_connect(&mut self) {
@@ -668,7 +712,10 @@ impl Session {
                 subtype: 0,
                 safi: SAFI_UNICAST,
             });
-            self.perform(Action::Send(message)).await;
+            if let Some(event) = self.perform(Action::Send(message)).await {
+                self.feed(event).await;
+                return;
+            }
         }
     }
 
@@ -741,11 +788,12 @@ impl Session {
         for update in &updates {
             Message::Update(Box::new(update.clone())).encode(&mut buf, &self.ctx);
         }
-        if let Some(conn) = self.primary.as_mut() {
-            match conn.writer.write_all(&buf).await {
-                Ok(()) => self.shared.count_out(updates.len() as u64),
-                Err(e) => debug!(error = %e, "bgp write failed"),
-            }
+        if self
+            .write_primary(&buf, updates.len() as u64)
+            .await
+            .is_err()
+        {
+            self.feed(Event::TcpConnectionFails).await;
         }
     }
 }
@@ -764,7 +812,11 @@ async fn write_actions(conn: &mut Conn, actions: &[Action]) -> std::io::Result<(
         if let Action::Send(message) = action {
             let mut buf = BytesMut::with_capacity(64);
             message.encode(&mut buf, &DecodeContext::default());
-            conn.writer.write_all(&buf).await?;
+            tokio::time::timeout(COLLISION_OPEN_WAIT, conn.writer.write_all(&buf))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "write stalled")
+                })??;
         }
     }
     Ok(())
