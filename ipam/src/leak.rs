@@ -246,6 +246,23 @@ impl LeakCollector {
                 .filter_map(|b| b.spec.affine_node().map(str::to_string)),
         );
         owners.retain(|n| !live.nodes.contains(n));
+        // A pod still listed keeps its node's IPAM until the pod is gone too.
+        for b in blocks {
+            for o in 0..b.spec.allocations.len() as u32 {
+                let Some(secondary) = b.spec.attribute_at(o).and_then(|a| a.secondary.as_ref())
+                else {
+                    continue;
+                };
+                if let (Some(node), Some(ns), Some(pod)) = (
+                    secondary.get(attr::NODE),
+                    secondary.get(attr::NAMESPACE),
+                    secondary.get(attr::POD),
+                ) && live.pods.contains_key(&(ns.clone(), pod.clone()))
+                {
+                    owners.remove(node);
+                }
+            }
+        }
         self.node_first_seen.retain(|n, _| owners.contains(n));
         for node in owners {
             let since = *self.node_first_seen.entry(node.clone()).or_insert(now);

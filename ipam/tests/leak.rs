@@ -205,6 +205,16 @@ fn deleted_node_ipam_is_released_after_grace_and_never_with_an_empty_node_list()
     let r = block_on(gc.collect(&ipam, &live(&pods_alive, &[]), t0 + GRACE * 10)).unwrap();
     assert!(r.released_nodes.is_empty());
 
+    // n2's pod is still listed: its node's IPAM waits for it.
+    let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0)).unwrap();
+    assert!(r.released_nodes.is_empty());
+    let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0 + GRACE * 2)).unwrap();
+    assert!(
+        r.released_nodes.is_empty(),
+        "a live pod holds the node's IPAM"
+    );
+
+    let pods_alive = [("ns", "on-n1", &[][..])];
     let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0)).unwrap();
     assert!(r.released_nodes.is_empty(), "grace starts now");
     let r = block_on(gc.collect(&ipam, &live(&pods_alive, &["n1"]), t0 + GRACE)).unwrap();
