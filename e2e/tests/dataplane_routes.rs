@@ -57,6 +57,7 @@ fn ipv6_blocks_get_blackholes_and_direct_routes() {
     let want = [
         format!("blackhole {}", block6(0)),
         format!("{} via {} dev eth0", block6(1), world.node(1).addr6),
+        format!("{} dev {}", pod_ip6(0), world.pods[0].host_if),
     ]
     .into_iter()
     .collect();
@@ -132,6 +133,7 @@ fn vxlan_always_builds_device_neighbours_fdb_and_onlink_routes() {
     );
     let want6 = [
         format!("blackhole {}", block6(0)),
+        format!("{} dev {}", pod_ip6(0), world.pods[0].host_if),
         format!(
             "{} via {} dev vxlan-v6.calico onlink",
             block6(1),
@@ -310,4 +312,51 @@ fn workload_route_waits_for_its_interface_and_follows_it_across_recreation() {
         "{:?}",
         dp.counters()
     );
+}
+
+#[test]
+fn ipv6_pods_ping_directly_on_a_segment_and_over_vxlan_v6_across() {
+    require_root();
+    let world = World::new(
+        TopologySpec::new()
+            .segment(["a1", "a2"])
+            .segment(["b1"])
+            .router()
+            .build()
+            .unwrap(),
+    );
+    world.add_ipv6_to_pods();
+    let _dps: Vec<_> = (0..3)
+        .map(|i| {
+            let dp = start(world.node(i), Config::default());
+            dp.set_desired(world.inputs(i, VXLAN_CROSS, true)).unwrap();
+            dp.mark_complete();
+            dp
+        })
+        .collect();
+    let a1 = &world.node(0).ns;
+    let want6 = [
+        format!("blackhole {}", block6(0)),
+        format!("{} dev {}", pod_ip6(0), world.pods[0].host_if),
+        format!("{} via {} dev eth0", block6(1), world.node(1).addr6),
+        format!(
+            "{} via {} dev vxlan-v6.calico onlink",
+            block6(2),
+            tunnel_ip6(2)
+        ),
+    ]
+    .into_iter()
+    .collect();
+    wait_exact("a1's IPv6 routes", Duration::from_secs(10), &want6, || {
+        routes(a1, true)
+    })
+    .unwrap();
+    for to in [1, 2] {
+        wait_until(
+            &format!("pod 0 reaches pod {to} over IPv6"),
+            Duration::from_secs(10),
+            || world.pods[0].ns.ping_once(&pod_ip6(to), 300),
+        )
+        .unwrap();
+    }
 }

@@ -36,6 +36,9 @@ pub fn block6(i: usize) -> String {
 pub fn tunnel_ip6(i: usize) -> String {
     format!("fd44:0:0:{}::1", i + 1)
 }
+pub fn pod_ip6(i: usize) -> String {
+    format!("fd44:0:0:{}::2", i + 1)
+}
 
 /// An encapsulation setting for the one IPv4 pool (and, for VXLAN, the IPv6 pool).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +88,50 @@ impl World {
         World { pods, topo }
     }
 
+    /// Gives every pod its IPv6 address the way Calico's CNI does: `/128` on eth0, default
+    /// route via the host end's link-local address.
+    pub fn add_ipv6_to_pods(&self) {
+        for (i, pod) in self.pods.iter().enumerate() {
+            let node = self.node(i);
+            let out = node
+                .ns
+                .run(&[
+                    "ip",
+                    "-6",
+                    "-j",
+                    "addr",
+                    "show",
+                    "dev",
+                    &pod.host_if,
+                    "scope",
+                    "link",
+                ])
+                .unwrap();
+            let addrs: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let gateway = addrs[0]["addr_info"][0]["local"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no link-local address on {}: {out}", pod.host_if))
+                .to_owned();
+            pod.ns
+                .run(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/128", pod_ip6(i)),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])
+                .unwrap();
+            pod.ns
+                .run(&[
+                    "ip", "-6", "route", "add", "default", "via", &gateway, "dev", "eth0",
+                ])
+                .unwrap();
+        }
+    }
+
     pub fn node(&self, i: usize) -> &Node {
         &self.topo.nodes[i]
     }
@@ -122,6 +169,10 @@ impl World {
                 vxlan: mode.vxlan,
             });
             inputs.owned_blocks.push(block6(i).parse().unwrap());
+            inputs.workloads.push(Workload {
+                ip: pod_ip6(i).parse().unwrap(),
+                host_if: self.pods[i].host_if.clone(),
+            });
         }
         for (j, other) in self.topo.nodes.iter().enumerate() {
             if j == i {
