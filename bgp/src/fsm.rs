@@ -120,16 +120,14 @@ pub enum DownReason {
 }
 
 impl DownReason {
-    /// RFC 4724 / RFC 8538: keep the peer's routes as stale? Only for failures that are
-    /// not a deliberate stop (a received Cease/HardReset is not graceful either).
+    /// RFC 4724: keep the peer's routes as stale? Only when the transport died (TCP
+    /// failure, or the hold timer ran out on a silent peer). A NOTIFICATION ends the session
+    /// for good: tortie does not negotiate RFC 8538's N bit.
     pub fn is_graceful_candidate(&self) -> bool {
-        match self {
-            DownReason::HoldTimerExpired | DownReason::ConnectionFailed => true,
-            DownReason::NotificationReceived(n) | DownReason::NotificationSent(n) => {
-                n.code != code::CEASE
-            }
-            DownReason::Stopped => false,
-        }
+        matches!(
+            self,
+            DownReason::HoldTimerExpired | DownReason::ConnectionFailed
+        )
     }
 }
 
@@ -831,10 +829,11 @@ mod tests {
     }
 
     #[test]
-    fn graceful_candidate_excludes_cease_and_manual_stop() {
+    fn graceful_restart_applies_only_to_transport_failures() {
         assert!(DownReason::HoldTimerExpired.is_graceful_candidate());
         assert!(DownReason::ConnectionFailed.is_graceful_candidate());
         assert!(!DownReason::Stopped.is_graceful_candidate());
         assert!(!DownReason::NotificationReceived(Notification::new(6, 2)).is_graceful_candidate());
+        assert!(!DownReason::NotificationSent(Notification::new(3, 1)).is_graceful_candidate());
     }
 }

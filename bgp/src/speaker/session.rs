@@ -887,3 +887,73 @@ fn family_of_prefix(prefix: &IpNet) -> Afi {
         IpNet::V6(_) => Afi::Ipv6,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{NextHop, Origin, PathAttributes};
+    use std::net::Ipv4Addr;
+
+    fn attrs(next_hop: [u8; 4]) -> Arc<RouteAttrs> {
+        Arc::new(RouteAttrs {
+            next_hop: NextHop::V4(Ipv4Addr::from(next_hop)),
+            path: PathAttributes {
+                origin: Some(Origin::Igp),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn p(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn packing_groups_shared_attributes_into_one_update() {
+        let a = attrs([10, 0, 0, 1]);
+        let changes: Vec<OutChange> = (0..100u32)
+            .map(|i| OutChange::Announce(p(&format!("10.{}.{}.0/24", i / 256, i % 256)), a.clone()))
+            .collect();
+        let updates = build_updates(&changes, &DecodeContext::default());
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].nlri.len(), 100);
+        assert_eq!(
+            updates[0].attributes.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 1))
+        );
+    }
+
+    #[test]
+    fn packing_keeps_only_the_last_change_per_prefix() {
+        let a = attrs([10, 0, 0, 1]);
+        let b = attrs([10, 0, 0, 2]);
+        let changes = vec![
+            OutChange::Announce(p("10.1.0.0/16"), a.clone()),
+            OutChange::Withdraw(p("10.1.0.0/16")),
+            OutChange::Withdraw(p("10.2.0.0/16")),
+            OutChange::Announce(p("10.2.0.0/16"), b.clone()),
+        ];
+        let updates = build_updates(&changes, &DecodeContext::default());
+        assert_eq!(updates.len(), 2, "{updates:?}");
+        assert_eq!(updates[0].withdrawn, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(updates[1].nlri, vec!["10.2.0.0/16".parse().unwrap()]);
+        assert_eq!(
+            updates[1].attributes.next_hop,
+            Some(Ipv4Addr::new(10, 0, 0, 2))
+        );
+    }
+
+    #[test]
+    fn end_of_rib_follows_everything_queued_before_it() {
+        let a = attrs([10, 0, 0, 1]);
+        let changes = vec![
+            OutChange::Announce(p("10.1.0.0/16"), a.clone()),
+            OutChange::EndOfRib(Afi::Ipv4),
+            OutChange::Announce(p("10.2.0.0/16"), a),
+        ];
+        let updates = build_updates(&changes, &DecodeContext::default());
+        assert_eq!(updates.len(), 3);
+        assert_eq!(updates[1].end_of_rib_family(), Some(Afi::Ipv4));
+        assert_eq!(updates[2].nlri, vec!["10.2.0.0/16".parse().unwrap()]);
+    }
+}
