@@ -150,6 +150,29 @@ fn vxlan_device_neighbours_and_fdb_are_restored() {
         world.pods[0].ns.ping_once(&pod_ip(1).to_string(), 300)
     })
     .unwrap();
+    // Deleting the device takes its routes, neighbours and FDB entries along: all come back.
+    ns.run(&["ip", "link", "del", "vxlan.calico"]).unwrap();
+    let want = world.expected_routes(0, VXLAN_ALWAYS);
+    let took = wait_until(
+        "device and routes recreated",
+        Duration::from_secs(5),
+        || {
+            routes(ns, false).is_ok_and(|r| r == want)
+                && neighbours(ns, "vxlan.calico").is_ok_and(|n| n == neigh)
+                && fdb(ns, "vxlan.calico").is_ok_and(|f| f == fdb_want)
+        },
+    )
+    .unwrap();
+    assert!(
+        took <= RESTORE_WITHIN,
+        "recreating vxlan.calico took {took:?}"
+    );
+    wait_until(
+        "pods ping over the new device",
+        Duration::from_secs(5),
+        || world.pods[0].ns.ping_once(&pod_ip(1).to_string(), 300),
+    )
+    .unwrap();
 }
 
 #[test]
