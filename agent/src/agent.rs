@@ -598,7 +598,9 @@ impl Agent {
         self.dataplane.mark_complete();
         info!(after = ?self.started.elapsed(), "desired state complete; stale routes may now be removed");
         let _ = self.ready_tx.send(true);
-        if let Err(e) = crate::cni::write_conflist(&self.cfg.cni_conf_dir, self.mtu()) {
+        if let Err(e) =
+            crate::cni::write_conflist(&self.cfg.cni_conf_dir, self.mtu(), &self.cfg.run_dir)
+        {
             error!(error = %e, "writing the CNI config failed");
         }
         if !self.network_up_reported {

@@ -3,7 +3,6 @@
 
 pub mod install;
 pub mod plugin;
-mod sha1;
 pub mod spec;
 
 use std::path::Path;
@@ -13,13 +12,19 @@ use anyhow::{Context, Result};
 pub const CONFLIST_NAME: &str = "10-tortie.conflist";
 
 /// Writes the conflist atomically (temp file + rename), so the runtime never reads half a file.
-pub fn write_conflist(dir: &Path, mtu: u32) -> Result<()> {
+pub fn write_conflist(dir: &Path, mtu: u32, run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut plugin = serde_json::json!({ "type": "tortie", "mtu": mtu, "log_level": "info" });
+    // The runtime passes plugins no environment of ours: a non-default socket dir must be in
+    // the config itself.
+    if run_dir != Path::new("/run/tortie") {
+        plugin["tortie_run_dir"] = serde_json::json!(run_dir);
+    }
     let conf = serde_json::json!({
         "name": "k8s-pod-network",
         "cniVersion": "1.0.0",
         "plugins": [
-            { "type": "tortie", "mtu": mtu, "log_level": "info" },
+            plugin,
             { "type": "portmap", "snat": true, "capabilities": { "portMappings": true } }
         ]
     });

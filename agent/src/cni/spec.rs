@@ -359,7 +359,10 @@ pub fn host_veth_name(
         (Some(ns), Some(pod)) => format!("{ns}.{pod}"),
         _ => container_id.to_owned(),
     };
-    format!("cali{}", &super::sha1::hex_digest(key.as_bytes())[..11])
+    format!(
+        "cali{}",
+        &sha1_smol::Sha1::from(key.as_bytes()).digest().to_string()[..11]
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
