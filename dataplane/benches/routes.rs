@@ -165,6 +165,44 @@ fn count_routes(ns: &str, proto: u8) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
+const ROUNDS: usize = 2;
+
+/// The shortest wall and CPU time seen for one measurement.
+#[derive(Debug, Clone, Copy)]
+struct Fastest {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Default for Fastest {
+    fn default() -> Self {
+        Fastest {
+            wall: Duration::MAX,
+            cpu: Duration::MAX,
+        }
+    }
+}
+
+impl Fastest {
+    fn keep(&mut self, wall: Duration, cpu: Duration) {
+        self.wall = self.wall.min(wall);
+        self.cpu = self.cpu.min(cpu);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Best {
+    install: Fastest,
+    noop: Fastest,
+    resync: Fastest,
+    listing: Fastest,
+    replace: Fastest,
+    delete: Fastest,
+    ip_add: Fastest,
+    ip_replace: Fastest,
+    ip_del: Fastest,
+}
+
 fn rate(routes: u32, took: Duration) -> u64 {
     (f64::from(routes) / took.as_secs_f64()) as u64
 }
@@ -187,37 +225,55 @@ fn main() {
     let replace_inputs = inputs(NEXT_HOP_B, ROUTES);
     let empty_inputs = inputs(NEXT_HOP_A, 0);
 
-    let cpu_before = thread_cpu();
-    let install = apply(&mut reconciler, &config, &install_inputs, ROUTES as usize);
-    let install_cpu = thread_cpu() - cpu_before;
-    assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
+    // Two rounds, tortie and `ip -batch` interleaved, keeping each side's best: other work on
+    // a shared machine (and RTNL held by other processes) only ever slows a round down.
+    let mut best = Best::default();
+    for _ in 0..ROUNDS {
+        let cpu_before = thread_cpu();
+        let install = apply(&mut reconciler, &config, &install_inputs, ROUTES as usize);
+        best.install.keep(install, thread_cpu() - cpu_before);
+        assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
 
-    // No-op reconcile: the inputs arrive again unchanged; desired state and diff, no writes.
-    let cpu_before = thread_cpu();
-    let noop = apply(&mut reconciler, &config, &install_inputs, 0);
-    let noop_cpu = thread_cpu() - cpu_before;
-    // A full resync (dump and parse 100k routes, then diff) for comparison.
-    let cpu_before = thread_cpu();
-    reconciler.resync().expect("resync");
-    assert!(reconciler.plan().is_empty(), "resync found differences");
-    let resync_cpu = thread_cpu() - cpu_before;
-    let child_before = children_cpu();
-    let _ = count_routes(&ns.name, proto);
-    let listing_cpu = children_cpu() - child_before;
+        // No-op reconcile: the inputs arrive again unchanged; desired state and diff, no writes.
+        let cpu_before = thread_cpu();
+        let noop = apply(&mut reconciler, &config, &install_inputs, 0);
+        best.noop.keep(noop, thread_cpu() - cpu_before);
+        // A full resync (dump and parse 100k routes, then diff) for comparison.
+        let cpu_before = thread_cpu();
+        reconciler.resync().expect("resync");
+        assert!(reconciler.plan().is_empty(), "resync found differences");
+        best.resync.keep(Duration::ZERO, thread_cpu() - cpu_before);
+        let child_before = children_cpu();
+        let _ = count_routes(&ns.name, proto);
+        best.listing
+            .keep(Duration::ZERO, children_cpu() - child_before);
 
-    let cpu_before = thread_cpu();
-    let replace = apply(&mut reconciler, &config, &replace_inputs, ROUTES as usize);
-    let replace_cpu = thread_cpu() - cpu_before;
-    let cpu_before = thread_cpu();
-    let delete = apply(&mut reconciler, &config, &empty_inputs, ROUTES as usize);
-    let delete_cpu = thread_cpu() - cpu_before;
-    assert_eq!(count_routes(&ns.name, proto), 0);
+        let cpu_before = thread_cpu();
+        let replace = apply(&mut reconciler, &config, &replace_inputs, ROUTES as usize);
+        best.replace.keep(replace, thread_cpu() - cpu_before);
+        let cpu_before = thread_cpu();
+        let delete = apply(&mut reconciler, &config, &empty_inputs, ROUTES as usize);
+        best.delete.keep(delete, thread_cpu() - cpu_before);
+        assert_eq!(count_routes(&ns.name, proto), 0);
 
-    let ip_add = ip_batch(&ns.name, "add", NEXT_HOP_A, proto);
-    assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
-    let ip_replace = ip_batch(&ns.name, "replace", NEXT_HOP_B, proto);
-    let ip_del = ip_batch(&ns.name, "del", NEXT_HOP_B, proto);
-    assert_eq!(count_routes(&ns.name, proto), 0);
+        best.ip_add
+            .keep(ip_batch(&ns.name, "add", NEXT_HOP_A, proto), Duration::ZERO);
+        assert_eq!(count_routes(&ns.name, proto), ROUTES as usize);
+        best.ip_replace.keep(
+            ip_batch(&ns.name, "replace", NEXT_HOP_B, proto),
+            Duration::ZERO,
+        );
+        best.ip_del
+            .keep(ip_batch(&ns.name, "del", NEXT_HOP_B, proto), Duration::ZERO);
+        assert_eq!(count_routes(&ns.name, proto), 0);
+    }
+    let (install, install_cpu) = (best.install.wall, best.install.cpu);
+    let (replace, replace_cpu) = (best.replace.wall, best.replace.cpu);
+    let (delete, delete_cpu) = (best.delete.wall, best.delete.cpu);
+    let (noop, noop_cpu) = (best.noop.wall, best.noop.cpu);
+    let resync_cpu = best.resync.cpu;
+    let listing_cpu = best.listing.cpu;
+    let (ip_add, ip_replace, ip_del) = (best.ip_add.wall, best.ip_replace.wall, best.ip_del.wall);
 
     eprintln!(
         "100k routes: install {install:?} ({install_cpu:?} CPU, mostly kernel), replace {replace:?}, delete {delete:?}, no-op {noop:?} wall; \
