@@ -4,11 +4,9 @@
 //! wait for exit. Tortie's agent is the in-test stand-in (answers at once, as the real one
 //! does when the node's affine block has room).
 //!
-//! Run: `cargo test -p tortie-e2e --test cni_bench -- --ignored --nocapture` (it is ignored in
-//! the normal test run because it takes about a minute). The file also builds as a
-//! `harness = false` bench target (its `main`), so `cargo bench` can run it.
+//! Run: `cargo bench -p tortie-e2e --bench cni` (about a minute), or `make bench`.
 
-#[path = "cni_support.rs"]
+#[path = "../tests/cni_support.rs"]
 mod support;
 
 use std::io::Write;
@@ -266,14 +264,6 @@ fn run_bench() {
     print_bench("cni_del_p99_parallel_50", &par_t.del, &par_r.del, 99.0);
 }
 
-#[test]
-#[ignore = "a benchmark (about a minute); run with --ignored --nocapture"]
-fn cni_add_del_latency_against_bridge_host_local() {
-    run_bench();
-}
-
-/// Entry point when built as a `harness = false` bench target.
-#[cfg_attr(test, allow(dead_code))]
 fn main() {
     run_bench();
 }
