@@ -861,16 +861,15 @@ impl Rib {
             }
         }
         let mut attrs = (*best.attrs).clone();
+        // Without an address of the prefix's family there is no valid "next hop self":
+        // the route is not exported (an IPv4-mapped IPv6 next hop is rejected by BIRD).
         let next_hop_self = || -> Option<NextHop> {
             match prefix {
                 IpNet::V4(_) => session.next_hop_v4.map(NextHop::V4),
-                IpNet::V6(_) => session
-                    .next_hop_v6
-                    .or_else(|| session.next_hop_v4.map(|v4| v4.to_ipv6_mapped()))
-                    .map(|global| NextHop::V6 {
-                        global,
-                        link_local: None,
-                    }),
+                IpNet::V6(_) => session.next_hop_v6.map(|global| NextHop::V6 {
+                    global,
+                    link_local: None,
+                }),
             }
         };
         if target_ebgp {

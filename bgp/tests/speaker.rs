@@ -98,7 +98,12 @@ async fn two_speakers_exchange_ipv4_and_ipv6_prefixes_and_withdraw() {
     a.originate(prefix("10.65.0.0/26")).unwrap();
     a.originate(prefix("fd00:65::/122")).unwrap();
     b.originate(prefix("10.66.0.0/26")).unwrap();
-    a.add_peer(peer(1, 1, 2)).unwrap();
+    // An IPv4 session needs an explicit IPv6 next hop to carry IPv6 routes.
+    a.add_peer(PeerConfig {
+        next_hop_v6: Some("fd00::1:1".parse().unwrap()),
+        ..peer(1, 1, 2)
+    })
+    .unwrap();
     b.add_peer(peer(1, 2, 1)).unwrap();
     wait_state(&a, ip(1, 2), State::Established, UP).await;
     wait_state(&b, ip(1, 1), State::Established, UP).await;
@@ -113,7 +118,7 @@ async fn two_speakers_exchange_ipv4_and_ipv6_prefixes_and_withdraw() {
     assert_eq!(
         best_next_hop(&b, "fd00:65::/122").await,
         Some(NextHop::V6 {
-            global: v4(1, 1).to_ipv6_mapped(),
+            global: "fd00::1:1".parse().unwrap(),
             link_local: None
         })
     );

@@ -435,15 +435,9 @@ fn originated_prefix_goes_to_up_peers_with_next_hop_self_then_withdraws() {
     assert_eq!(a.next_hop, NextHop::V4(Ipv4Addr::new(10, 0, 0, 1)));
     assert_eq!(a.path.local_pref, Some(100));
     let out = rib.originate(prefix("fd00::/122"));
-    let [OutChange::Announce(_, a)] = &out_for(&out, addr(2))[..] else {
-        panic!("{out:?}")
-    };
-    assert_eq!(
-        a.next_hop,
-        NextHop::V6 {
-            global: Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped(),
-            link_local: None
-        }
+    assert!(
+        out_for(&out, addr(2)).is_empty(),
+        "no IPv6 next hop known for an IPv4 session: not exported"
     );
     let out = rib.withdraw_local(prefix("10.65.1.0/26"));
     assert_eq!(
@@ -536,4 +530,37 @@ fn ipv6_routes_from_mp_reach_are_installed() {
     };
     rib.apply_update(addr(2), &update);
     assert_eq!(rib.best(&prefix("fd00:1::/64")).unwrap().attrs.next_hop, nh);
+}
+
+#[test]
+fn ipv6_prefix_is_exported_with_the_configured_ipv6_next_hop() {
+    let mut rib = rib();
+    rib.add_peer(
+        addr(2),
+        PeerSettings {
+            remote_as: LOCAL_AS,
+            route_reflector_client: false,
+        },
+    );
+    let nh: Ipv6Addr = "fd00::1".parse().unwrap();
+    rib.peer_up(
+        addr(2),
+        PeerSession {
+            remote_id: Ipv4Addr::new(10, 0, 0, 2),
+            families: vec![Afi::Ipv4, Afi::Ipv6],
+            next_hop_v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            next_hop_v6: Some(nh),
+        },
+    );
+    let out = rib.originate(prefix("fd00:65::/122"));
+    let [OutChange::Announce(_, a)] = &out_for(&out, addr(2))[..] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(
+        a.next_hop,
+        NextHop::V6 {
+            global: nh,
+            link_local: None
+        }
+    );
 }

@@ -145,8 +145,8 @@ pub struct PeerConfig {
     pub ttl: Option<u8>,
     /// IPv4 next hop to announce for our routes; default: the session's local address.
     pub next_hop_v4: Option<Ipv4Addr>,
-    /// IPv6 next hop to announce for our routes; default: the session's local address,
-    /// or its IPv4-mapped form on an IPv4 session.
+    /// IPv6 next hop to announce for our routes; default: the session's local address on an
+    /// IPv6 session. On an IPv4 session without it, IPv6 routes are not announced.
     pub next_hop_v6: Option<Ipv6Addr>,
 }
 
