@@ -238,19 +238,17 @@ async fn run_inner(params: SessionParams) {
             () = sleep_until_opt(deadline) => Wake::Timer,
         };
         match wake {
-            Wake::Command(None) | Wake::Command(Some(PeerCmd::Remove)) => {
+            // The RIB closing our route channel also means the peer was removed.
+            Wake::Command(None) | Wake::Command(Some(PeerCmd::Remove)) | Wake::Routes(None) => {
                 s.removed = true;
                 s.feed(Event::ManualStop).await;
-                if let Some(sec) = s.secondary.take() {
-                    drop(sec);
-                }
+                s.secondary = None;
             }
             Wake::Command(Some(PeerCmd::Incoming(stream))) => s.incoming(stream).await,
             Wake::Command(Some(PeerCmd::RequestRefresh)) => s.request_refresh().await,
             Wake::Primary(r) => s.on_primary_read(r).await,
             Wake::Secondary(r) => s.on_secondary_read(r).await,
             Wake::Routes(Some(out)) => s.send_routes(out).await,
-            Wake::Routes(None) => s.removed = true,
             Wake::Connected(Some((attempt, result))) => s.connected(attempt, result).await,
             Wake::Connected(None) => {}
             Wake::Timer => s.fire_timers().await,
