@@ -639,7 +639,8 @@ impl Rib {
         let Some(peer) = self.peer(idx) else {
             return (self.finish(pending), summary);
         };
-        let ebgp = peer.settings.remote_as != self.config.local_as;
+        let peer_as = peer.settings.remote_as;
+        let ebgp = peer_as != self.config.local_as;
 
         let mut withdrawn: Vec<IpNet> = update.withdrawn.iter().map(|p| IpNet::V4(*p)).collect();
         if let Some(u) = &update.mp_unreach {
@@ -682,7 +683,7 @@ impl Rib {
             // RFC 7606 §7.5: LOCAL_PREF from an external peer is discarded.
             path.local_pref = None;
         }
-        let accepted = self.import_allowed(&path, ebgp);
+        let accepted = self.import_allowed(&path, ebgp, peer_as);
         let mut last: Option<(NextHop, Arc<RouteAttrs>)> = None;
         for (prefix, next_hop) in announced {
             let attrs = match &last {
@@ -719,11 +720,15 @@ impl Rib {
         (self.finish(pending), summary)
     }
 
-    /// Loop checks: our AS in the path (eBGP), our router id as originator or our cluster
-    /// id in the cluster list (RFC 4456 §8).
-    fn import_allowed(&self, path: &PathAttributes, ebgp: bool) -> bool {
+    /// Import checks. eBGP: the path must start with the peer's AS and carry no
+    /// confederation segments (RFC 4271 §6.3, RFC 7606 §7.2) and must not contain our AS
+    /// (loop). iBGP: our router id as ORIGINATOR_ID or our cluster id in CLUSTER_LIST is a
+    /// reflection loop (RFC 4456 §8).
+    fn import_allowed(&self, path: &PathAttributes, ebgp: bool, remote_as: u32) -> bool {
         if ebgp {
-            !path.as_path.contains(self.config.local_as)
+            path.as_path.neighbour_as() == Some(remote_as)
+                && !path.as_path.has_confed_segment()
+                && !path.as_path.contains(self.config.local_as)
         } else {
             path.originator_id != Some(self.config.router_id)
                 && !path.cluster_list.contains(&self.config.cluster_id)

@@ -564,3 +564,19 @@ fn ipv6_prefix_is_exported_with_the_configured_ipv6_next_hop() {
         }
     );
 }
+
+#[test]
+fn ebgp_route_not_starting_with_the_peer_as_is_rejected() {
+    let mut rib = rib();
+    up(&mut rib, 2, 65002, false);
+    let (_, s) = rib.apply_update(
+        addr(2),
+        &announce("10.9.0.0/16", [10, 0, 0, 2], &[65099], |_| {}),
+    );
+    assert_eq!(s.rejected, 1);
+    let (_, s) = rib.apply_update(
+        addr(2),
+        &announce("10.8.0.0/16", [10, 0, 0, 2], &[65002], |_| {}),
+    );
+    assert_eq!(s.accepted, 1);
+}

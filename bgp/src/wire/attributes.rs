@@ -169,6 +169,11 @@ impl AsPath {
         }
     }
 
+    /// True if any confederation segment is present (never valid from an external peer).
+    pub fn has_confed_segment(&self) -> bool {
+        self.segments.iter().any(|s| s.kind.is_confed())
+    }
+
     fn has_wide_asn(&self) -> bool {
         self.segments
             .iter()
