@@ -312,21 +312,21 @@ fn family(prefix: &IpNet) -> Afi {
 /// to equal attributes. The memo holds the source `Arc`, so its address cannot be reused.
 struct Pending {
     best: Vec<BestChange>,
-    out: HashMap<u32, Vec<OutChange>>,
+    out: FastMap<u32, Vec<OutChange>>,
     order: Vec<u32>,
     export_memo: ExportMemo,
 }
 
 /// (target, source, source attributes address, family) → (source attributes, export result).
-type ExportMemo = HashMap<(u32, u32, usize, Afi), (Arc<RouteAttrs>, Option<Arc<RouteAttrs>>)>;
+type ExportMemo = FastMap<(u32, u32, usize, Afi), (Arc<RouteAttrs>, Option<Arc<RouteAttrs>>)>;
 
 impl Pending {
     fn new() -> Self {
         Pending {
             best: Vec::new(),
-            out: HashMap::new(),
+            out: FastMap::default(),
             order: Vec::new(),
-            export_memo: HashMap::new(),
+            export_memo: ExportMemo::default(),
         }
     }
     fn push(&mut self, peer: u32, change: OutChange) {
@@ -800,6 +800,7 @@ impl Rib {
     ) {
         let wanted = match best {
             None => None,
+            Some(b) if !self.export_allowed(b, target, &prefix) => None,
             Some(b) => {
                 let key = (
                     target,
@@ -844,27 +845,44 @@ impl Rib {
     }
 
     /// Export policy: split horizon, route reflection and next-hop/AS_PATH rewriting.
-    fn export_attrs(&self, best: &Candidate, target: u32, prefix: &IpNet) -> Option<RouteAttrs> {
+    /// The cheap part of the export policy: may `best` go to `target` at all?
+    fn export_allowed(&self, best: &Candidate, target: u32, prefix: &IpNet) -> bool {
         if best.source == target {
-            return None;
+            return false;
         }
-        let t = self.peer(target)?;
-        let session = t.session.as_ref()?;
+        let Some(t) = self.peer(target) else {
+            return false;
+        };
+        let Some(session) = t.session.as_ref() else {
+            return false;
+        };
         if !session.families.contains(&family(prefix)) {
-            return None;
+            return false;
         }
         let target_ebgp = t.settings.remote_as != self.config.local_as;
         let source = (best.source != LOCAL)
             .then(|| self.peer(best.source))
             .flatten();
-        let source_ibgp = source.is_some_and(|s| s.settings.remote_as == self.config.local_as);
-        if !target_ebgp && source_ibgp {
-            // iBGP split horizon, relaxed only by route reflection (RFC 4456 §6).
-            let source = source?;
-            if !(source.settings.route_reflector_client || t.settings.route_reflector_client) {
-                return None;
+        match source {
+            Some(s) if !target_ebgp && s.settings.remote_as == self.config.local_as => {
+                // iBGP split horizon, relaxed only by route reflection (RFC 4456 §6).
+                s.settings.route_reflector_client || t.settings.route_reflector_client
             }
+            _ => true,
         }
+    }
+
+    fn export_attrs(&self, best: &Candidate, target: u32, prefix: &IpNet) -> Option<RouteAttrs> {
+        if !self.export_allowed(best, target, prefix) {
+            return None;
+        }
+        let t = self.peer(target)?;
+        let session = t.session.as_ref()?;
+        let target_ebgp = t.settings.remote_as != self.config.local_as;
+        let source = (best.source != LOCAL)
+            .then(|| self.peer(best.source))
+            .flatten();
+        let source_ibgp = source.is_some_and(|s| s.settings.remote_as == self.config.local_as);
         let mut attrs = (*best.attrs).clone();
         // Without an address of the prefix's family there is no valid "next hop self":
         // the route is not exported (an IPv4-mapped IPv6 next hop is rejected by BIRD).
