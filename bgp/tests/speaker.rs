@@ -451,3 +451,46 @@ async fn removing_a_peer_sends_cease_and_withdraws_its_routes() {
         "{status:?}"
     );
 }
+
+#[tokio::test]
+async fn ipv6_session_carries_ipv6_routes_with_the_session_address_as_next_hop() {
+    let lo6: IpAddr = "::1".parse().unwrap();
+    if std::net::TcpListener::bind((lo6, 0)).is_err() {
+        eprintln!("no IPv6 loopback; skipping");
+        return;
+    }
+    let speaker_on = |port: u16, id: Ipv4Addr| SpeakerConfig {
+        listen: Some(SocketAddr::new(lo6, port)),
+        connect_retry: Duration::from_millis(500),
+        ..SpeakerConfig::new(id, AS)
+    };
+    let a = Speaker::start(speaker_on(11183, v4(10, 1))).await.unwrap();
+    let b = Speaker::start(speaker_on(11184, v4(10, 2))).await.unwrap();
+    // Both ends are ::1, so only one side dials (the other one's listener identifies it by address).
+    a.add_peer(PeerConfig {
+        port: 11184,
+        md5_password: None,
+        ..PeerConfig::new(lo6, AS)
+    })
+    .unwrap();
+    b.add_peer(PeerConfig {
+        passive: true,
+        ..PeerConfig::new(lo6, AS)
+    })
+    .unwrap();
+    a.originate(prefix("fd00:82::/122")).unwrap();
+    a.originate(prefix("10.82.0.0/26")).unwrap();
+    wait_route(&b, "fd00:82::/122", true, UP).await;
+    assert_eq!(
+        best_next_hop(&b, "fd00:82::/122").await,
+        Some(NextHop::V6 {
+            global: "::1".parse().unwrap(),
+            link_local: None
+        })
+    );
+    assert_eq!(
+        best_next_hop(&b, "10.82.0.0/26").await,
+        None,
+        "no IPv4 next hop on an IPv6 session without next_hop_v4"
+    );
+}
