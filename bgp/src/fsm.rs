@@ -836,4 +836,54 @@ mod tests {
         assert!(!DownReason::NotificationReceived(Notification::new(6, 2)).is_graceful_candidate());
         assert!(!DownReason::NotificationSent(Notification::new(3, 1)).is_graceful_candidate());
     }
+
+    #[test]
+    fn recorded_event_sequence_replays_to_identical_actions() {
+        // A full life cycle: connect, establish, traffic, hold expiry, automatic restart.
+        let events = vec![
+            Event::ManualStart,
+            Event::Tcp_CR_Acked,
+            Event::BGPOpen(peer_open(90)),
+            Event::KeepAliveMsg,
+            Event::UpdateMsg,
+            Event::KeepaliveTimer_Expires,
+            Event::RouteRefreshMsg,
+            Event::HoldTimer_Expires,
+            Event::AutomaticStart,
+            Event::TcpConnectionFails,
+        ];
+        let run = || {
+            let mut fsm = Fsm::new(config(false));
+            let log: Vec<(State, Vec<Action>)> = events
+                .iter()
+                .map(|e| {
+                    let actions = fsm.on_event(e.clone());
+                    (fsm.state(), actions)
+                })
+                .collect();
+            (log, fsm.connect_retry_counter())
+        };
+        let (first, counter) = run();
+        assert_eq!(first, run().0);
+        let states: Vec<State> = first.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            states,
+            vec![
+                State::Connect,
+                State::OpenSent,
+                State::OpenConfirm,
+                State::Established,
+                State::Established,
+                State::Established,
+                State::Established,
+                State::Idle,
+                State::Connect,
+                State::Idle,
+            ]
+        );
+        assert_eq!(
+            counter, 2,
+            "hold expiry and the failed reconnect both count"
+        );
+    }
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 /// Default BGP port.
 pub const BGP_PORT: u16 = 179;
@@ -386,12 +386,11 @@ impl Speaker {
             .graceful_restart
             .as_ref()
             .map_or(Duration::ZERO, |gr| gr.stale_routes_time);
-        let rib_task = tokio::spawn(rib_task::run(
-            rib_config,
-            rib_rx,
-            best_tx.clone(),
-            stale_routes_time,
-        ));
+        let rib_task = tokio::spawn(
+            rib_task::run(rib_config, rib_rx, best_tx.clone(), stale_routes_time).instrument(
+                tracing::info_span!("bgp_rib", router_id = %config.router_id, local_as = config.local_as),
+            ),
+        );
         let inner = Arc::new(Inner {
             config,
             local_addr,
@@ -405,7 +404,8 @@ impl Speaker {
         });
         if let Some(listener) = listener {
             let weak = Arc::downgrade(&inner);
-            let accept = tokio::spawn(accept_loop(listener, weak));
+            let span = tracing::info_span!("bgp_listener", listen = ?local_addr);
+            let accept = tokio::spawn(accept_loop(listener, weak).instrument(span));
             inner
                 .tasks
                 .lock()
