@@ -413,6 +413,11 @@ impl Agent {
     }
 
     async fn recompute(&mut self, caches: &Caches) {
+        // A partial view (say, nodes listed but not yet pools) would ask the dataplane to drop
+        // tunnels and the speaker to drop peers: nothing acts before every kind has listed.
+        if !caches.synced() {
+            return;
+        }
         let nodes = caches.nodes.borrow().clone();
         let pools = caches.pools.borrow().clone();
         let blocks = caches.blocks.borrow().clone();
@@ -468,7 +473,7 @@ impl Agent {
                 )
             })
             .collect();
-        if caches.pools.borrow().synced && self.last_pool_modes.as_ref() != Some(&modes) {
+        if self.last_pool_modes.as_ref() != Some(&modes) {
             match bootstrap::sync_tunnel_addresses(&self.client, &self.ipam, &self.node).await {
                 Ok(t) => {
                     self.last_pool_modes = Some(modes);
@@ -512,7 +517,7 @@ impl Agent {
             self.node.default_gateway_v4,
         );
         tracing::debug!(remote_blocks = ?inputs.remote_blocks, owned = ?inputs.owned_blocks, "desired inputs");
-        if caches.pools.borrow().synced {
+        {
             let nat = dp::nat::NatInputs {
                 masquerade: view
                     .pools

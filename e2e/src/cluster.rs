@@ -45,13 +45,15 @@ pub fn tortie_binary() -> Result<PathBuf> {
 }
 
 /// What to build.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
     pub topology: TopologySpec,
     /// The IPPool created before the agents start, as YAML (`None`: the agents create the default).
     pub pool_yaml: Option<String>,
     /// Extra env for every agent (e.g. CALICO_IPV4POOL_* when no pool is given).
     pub agent_env: BTreeMap<String, String>,
+    /// Install the fixture reproducing Calico v3.26's own CRDs instead of tortie's.
+    pub calico_crds: bool,
 }
 
 /// One node's running agent.
@@ -103,7 +105,8 @@ impl TestCluster {
             return Ok(None);
         };
         let root = workspace_root();
-        for m in ["manifests/crds.yaml", "manifests/rbac.yaml"] {
+        let crds = if spec.calico_crds { "e2e/fixtures/calico-v3.26-crds.yaml" } else { "manifests/crds.yaml" };
+        for m in [crds, "manifests/rbac.yaml"] {
             let text = fs::read_to_string(root.join(m)).with_context(|| format!("reading {m}"))?;
             api.apply(&text).with_context(|| format!("applying {m}"))?;
         }

@@ -49,7 +49,7 @@ fn mesh_and_bird_tor_route_blocks_and_tor_prefixes() {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
         pool_yaml: Some(POOL_NEVER.to_owned()),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let Some(c) =
         TestCluster::start("mesh_and_bird_tor_route_blocks_and_tor_prefixes", spec).unwrap()

@@ -12,7 +12,7 @@ fn cluster(test: &str) -> Option<TestCluster> {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["a1"]).segment(["b1"]),
         pool_yaml: Some(GOOD_POOL.to_owned()),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let c = TestCluster::start(test, spec).unwrap()?;
     c.wait_ready(Duration::from_secs(60))

@@ -15,7 +15,7 @@ fn nat_outgoing_follows_the_pool_live() {
              vxlanMode: Always\n  natOutgoing: true\n"
                 .to_owned(),
         ),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let Some(c) = TestCluster::start("nat_outgoing_follows_the_pool_live", spec).unwrap() else {
         return;

@@ -20,6 +20,7 @@ fn deleted_node_loses_peers_routes_and_ipam() {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
+        ..Default::default()
     };
     let Some(mut c) = TestCluster::start("deleted_node_loses_peers_routes_and_ipam", spec).unwrap()
     else {

@@ -26,7 +26,7 @@ fn vxlan_always_routes_tunnel_addresses_across_segments() {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
         pool_yaml: Some(pool("Always", "Never")),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let Some(c) =
         TestCluster::start("vxlan_always_routes_tunnel_addresses_across_segments", spec).unwrap()
@@ -105,7 +105,7 @@ fn kubectl_patch_to_crosssubnet_reroutes_every_node_live() {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
         pool_yaml: Some(pool("Always", "Never")),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let Some(c) = TestCluster::start(
         "kubectl_patch_to_crosssubnet_reroutes_every_node_live",

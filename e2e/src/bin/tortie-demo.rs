@@ -34,7 +34,7 @@ fn main() -> Result<()> {
             .segment(["node-a1", "node-a2"])
             .segment(["node-b1"]),
         pool_yaml: Some(POOL.to_owned()),
-        agent_env: Default::default(),
+        ..Default::default()
     };
     let cluster =
         TestCluster::start("demo", spec)?.context("kube binaries missing: run `make deps`")?;
