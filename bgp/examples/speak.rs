@@ -5,8 +5,8 @@
 //! speak --id 127.0.30.1 --as 64512 --listen 127.0.30.1:11179 \
 //!       --peer 127.0.30.2:11190:64512 --originate 10.80.0.0/26 --seconds 20
 //! ```
-//! `--peer ADDR:PORT:AS` may repeat (append `:passive`, `:rr-client`, `:md5=KEY` or
-//! `:nh6=IPV6` with `_` for `:` in the address);
+//! `--peer ADDR:PORT:AS` may repeat (append `:passive`, `:rr-client`, `:md5=KEY`,
+//! `:nh4=IPV4` or `:nh6=IPV6` with `_` for `:` in the address);
 //! `--originate` may repeat; `--seconds 0` runs until killed.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -45,6 +45,13 @@ fn parse_peer(spec: &str, listen: Option<SocketAddr>) -> PeerConfig {
             "passive" => peer.passive = true,
             "rr-client" => peer.route_reflector_client = true,
             f if f.starts_with("md5=") => peer.md5_password = Some(f[4..].to_string()),
+            f if f.starts_with("nh4=") => {
+                peer.next_hop_v4 = Some(
+                    f[4..]
+                        .parse()
+                        .unwrap_or_else(|_| usage(&format!("--peer {spec}: bad nh4"))),
+                )
+            }
             f if f.starts_with("nh6=") => {
                 peer.next_hop_v6 = Some(
                     f[4..]
