@@ -294,6 +294,23 @@ fn malformed_aggregator_is_discarded_and_routes_kept() {
 }
 
 #[test]
+fn attributes_too_large_for_any_prefix_produce_no_update() {
+    let attributes = PathAttributes {
+        origin: Some(Origin::Igp),
+        communities: vec![1; 1100],
+        ..Default::default()
+    };
+    let prefixes = vec!["10.1.0.0/16".parse().unwrap()];
+    let updates = Update::announcements(
+        &attributes,
+        NextHop::V4(Ipv4Addr::new(10, 0, 0, 1)),
+        &prefixes,
+        &CTX4,
+    );
+    assert!(updates.is_empty());
+}
+
+#[test]
 fn frame_length_waits_for_the_whole_message() {
     let msg = with_header(4, &[]);
     assert_eq!(frame_length(&msg[..10]).unwrap(), None);

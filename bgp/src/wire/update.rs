@@ -433,7 +433,8 @@ impl Update {
     }
 
     /// Build UPDATEs announcing `prefixes` (one family) with `attributes` and `next_hop`,
-    /// each message at most 4096 octets.
+    /// each message at most 4096 octets. Attributes so large that not even one prefix fits
+    /// yield no UPDATE at all (the route cannot be advertised).
     pub fn announcements(
         attributes: &PathAttributes,
         next_hop: NextHop,
@@ -448,7 +449,9 @@ impl Update {
                 attrs.next_hop = Some(nh);
                 // header + two length fields + attributes (+ NEXT_HOP if it was not already set)
                 let fixed = HEADER_LEN + 4 + attrs.encoded_len(ctx);
-                let budget = MAX_MESSAGE_LEN - fixed;
+                let Some(budget) = room_for_prefixes(fixed) else {
+                    return updates;
+                };
                 for chunk in chunk_by_size(prefixes, budget) {
                     updates.push(Update {
                         attributes: attrs.clone(),
@@ -471,7 +474,9 @@ impl Update {
                 let mut attrs = attributes.clone();
                 attrs.next_hop = None;
                 let fixed = HEADER_LEN + 4 + attrs_len + 4 + 5 + next_hop.wire_len();
-                let budget = MAX_MESSAGE_LEN - fixed;
+                let Some(budget) = room_for_prefixes(fixed) else {
+                    return updates;
+                };
                 for chunk in chunk_by_size(prefixes, budget) {
                     updates.push(Update {
                         attributes: attrs.clone(),
@@ -524,6 +529,13 @@ impl Update {
         }
         updates
     }
+}
+
+/// Octets left for NLRI once `fixed` octets are used, if at least the largest prefix fits.
+fn room_for_prefixes(fixed: usize) -> Option<usize> {
+    MAX_MESSAGE_LEN
+        .checked_sub(fixed)
+        .filter(|room| *room >= 17)
 }
 
 fn put_mp_header(buf: &mut Vec<u8>, type_code: u8, len: usize) {
