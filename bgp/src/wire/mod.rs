@@ -303,7 +303,7 @@ impl Message {
 
     /// Encode the whole message, header included. `ctx` decides 2- or 4-octet AS encoding.
     ///
-    /// The caller keeps UPDATEs under [`MAX_MESSAGE_LEN`] (see [`Update::encoded_len`]);
+    /// The caller keeps UPDATEs under [`MAX_MESSAGE_LEN`] (see [`Update::announcements`]);
     /// the length field is written from what was actually produced.
     pub fn encode(&self, buf: &mut bytes::BytesMut, ctx: &DecodeContext) {
         let start = buf.len();
