@@ -417,3 +417,59 @@ async fn request_refresh_sends_route_refresh_for_each_family() {
         "only IPv4 was negotiated"
     );
 }
+
+#[tokio::test]
+async fn restarting_speaker_announces_restart_and_forwarding_bits_then_end_of_rib() {
+    use tortie_bgp::GracefulRestartConfig;
+    use tortie_bgp::wire::Afi;
+    let listener = TcpListener::bind(SocketAddr::new(ip(27, 2), PORT))
+        .await
+        .unwrap();
+    let a = Speaker::start(SpeakerConfig {
+        listen: Some(SocketAddr::new(ip(27, 1), PORT)),
+        graceful_restart: Some(GracefulRestartConfig {
+            restart_time: 90,
+            restarting: true,
+            forwarding_preserved: true,
+            ..GracefulRestartConfig::default()
+        }),
+        ..SpeakerConfig::new(v4(27, 1), AS)
+    })
+    .await
+    .unwrap();
+    a.originate("10.76.1.0/26".parse().unwrap()).unwrap();
+    a.add_peer(peer_config(27, AS)).unwrap();
+    let mut p = ScriptedPeer::accept(&listener, DecodeContext::default()).await;
+    let mut ours = open(AS, v4(27, 2), true);
+    ours.capabilities
+        .push(Capability::MultiProtocol { afi: 2, safi: 1 });
+    let theirs = p.handshake(ours).await;
+    let gr = theirs
+        .graceful_restart()
+        .expect("graceful restart capability");
+    assert!(gr.restart_state, "R bit set while restarting");
+    assert_eq!(gr.restart_time, 90);
+    assert!(gr.families.iter().all(|f| f.forwarding_preserved), "{gr:?}");
+    assert_eq!(gr.families.len(), 2);
+    // The table comes first, then one End-of-RIB per negotiated family.
+    let mut eors = Vec::new();
+    let mut announced = false;
+    while eors.len() < 2 {
+        let m = p.recv().await;
+        if let Some(u) = update_of(&m) {
+            match u.end_of_rib_family() {
+                Some(afi) => {
+                    assert!(
+                        announced || afi == Afi::Ipv6,
+                        "IPv4 End-of-RIB before the IPv4 table"
+                    );
+                    eors.push(afi);
+                }
+                None => announced |= !u.nlri.is_empty(),
+            }
+        }
+    }
+    assert!(announced);
+    eors.sort();
+    assert_eq!(eors, vec![Afi::Ipv4, Afi::Ipv6]);
+}
