@@ -297,9 +297,15 @@ impl Open {
         buf.put_u16(u16::try_from(self.asn).unwrap_or(AS_TRANS));
         buf.put_u16(self.hold_time);
         buf.put_u32(u32::from(self.bgp_id));
+        // Opt Parm Len is one octet (no RFC 9072 extended form), so at most 253 octets of
+        // capabilities fit; any that would not are left out rather than corrupting the OPEN.
         let mut caps = Vec::with_capacity(64);
         for cap in &self.capabilities {
-            cap.encode(&mut caps);
+            let mut one = Vec::with_capacity(16);
+            cap.encode(&mut one);
+            if caps.len() + one.len() <= 253 {
+                caps.extend_from_slice(&one);
+            }
         }
         if caps.is_empty() {
             buf.put_u8(0);

@@ -150,6 +150,28 @@ fn open_keeps_unknown_capabilities() {
 }
 
 #[test]
+fn open_with_too_many_capabilities_keeps_those_that_fit() {
+    let capabilities: Vec<Capability> = (0..50)
+        .map(|i| Capability::Unknown {
+            code: 200,
+            value: Bytes::from(vec![i; 4]),
+        })
+        .collect();
+    let open = Open {
+        asn: 65000,
+        hold_time: 90,
+        bgp_id: Ipv4Addr::new(10, 0, 0, 1),
+        capabilities,
+    };
+    let bytes = encode(&Message::Open(open.clone()), &CTX4);
+    let Message::Open(back) = decode(&bytes, &CTX4).unwrap() else {
+        panic!("not an OPEN")
+    };
+    assert_eq!(back.capabilities.len(), 42, "42 × 6 octets fit in 253");
+    assert_eq!(back.capabilities[..], open.capabilities[..42]);
+}
+
+#[test]
 fn update_with_ipv4_nlri_matches_hand_computed_bytes() {
     let update = decode_update(BASE_ATTRS, &[16, 10, 1, 26, 10, 2, 3, 64], &CTX4).unwrap();
     assert!(update.outcome.is_clean());
