@@ -1,9 +1,11 @@
 //! One peer sends a 100k-prefix table: time from Established until every prefix is in the
 //! Loc-RIB, and RSS growth per stored route. The sender is a tortie speaker in a child
 //! process (this binary re-executed), so only the receiver's memory is measured.
-//! Reference: a BIRD 2 receiving the same feed in the same run (polled through birdc, so
-//! its time includes up to one birdc round trip); without BIRD installed the issue's
-//! targets are printed instead.
+//! Reference: a BIRD 2 receiving the same feed in the same run. BIRD's Established instant
+//! cannot be seen precisely from outside (birdc round trips take milliseconds), so the
+//! comparison with BIRD is made from "go" (sender told to peer) to the full table, which
+//! includes the TCP and OPEN exchange for both; the Established-based time is compared with
+//! the target. Without BIRD installed the targets are printed instead.
 
 use ipnet::{IpNet, Ipv4Net};
 use std::io::{BufRead, BufReader, Write};
@@ -133,7 +135,7 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// BIRD as the receiver: (seconds from Established to all routes, bytes of RSS per route).
+/// BIRD as the receiver: (seconds from "go" to all routes, bytes of RSS per route).
 fn measure_bird() -> Option<(f64, f64)> {
     let (bird, birdc) = (which("bird")?, which("birdc")?);
     let dir = std::env::temp_dir().join(format!("tortie-bgp-table-bird-{}", std::process::id()));
@@ -179,21 +181,15 @@ fn measure_bird() -> Option<(f64, f64)> {
     let mut sender = spawn_sender(SocketAddr::new(IpAddr::V4(BIRD_ADDR), BIRD_PORT));
     let rss_before = rss_kib_of(&pid);
     sender.go();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut established_at = None;
+    let go = Instant::now();
+    let deadline = go + Duration::from_secs(60);
     let result = loop {
         if Instant::now() > deadline {
             break None;
         }
-        if established_at.is_none() {
-            if birdc_out(&["show", "protocols", "feed"]).contains("Established") {
-                established_at = Some(Instant::now());
-            }
-            continue;
-        }
         let count = birdc_out(&["show", "route", "count"]);
         if count.contains(&format!("{PREFIXES} of {PREFIXES} routes")) {
-            let elapsed = established_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            let elapsed = go.elapsed().as_secs_f64();
             let rss_after = rss_kib_of(&pid);
             let per_route = (rss_after.saturating_sub(rss_before) * 1024) as f64 / PREFIXES as f64;
             break Some((elapsed, per_route));
@@ -228,10 +224,11 @@ fn main() {
         let mut sender = spawn_sender(SocketAddr::new(IpAddr::V4(RECEIVER), PORT));
         let rss_before = rss_kib();
         sender.go();
+        let go = Instant::now();
 
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut established_at = None;
-        let elapsed = loop {
+        let (elapsed, from_go) = loop {
             let status = receiver.peer(sender_ip).expect("peer exists");
             if established_at.is_none() && status.state == State::Established {
                 established_at = Some(Instant::now());
@@ -239,7 +236,7 @@ fn main() {
             if let Some(at) = established_at
                 && status.prefixes_accepted as usize == PREFIXES
             {
-                break at.elapsed();
+                break (at.elapsed(), go.elapsed());
             }
             if Instant::now() > deadline {
                 panic!("after 60 s: {status:?}");
@@ -252,7 +249,7 @@ fn main() {
         drop(sender);
         let bytes_per_route = (rss_after.saturating_sub(rss_before) * 1024) as f64 / PREFIXES as f64;
         println!("table bench: {PREFIXES} prefixes, RSS {rss_before} KiB -> {rss_after} KiB");
-        let (time_ref, memory_ref) = match measure_bird() {
+        let (go_ref, memory_ref) = match measure_bird() {
             Some((seconds, bytes)) => (format!("bird:{seconds:.3}"), format!("bird:{bytes:.0}")),
             None => (
                 format!("target:{TARGET_SECONDS}"),
@@ -260,8 +257,12 @@ fn main() {
             ),
         };
         println!(
-            "BENCH name=table_100k_established_to_loc_rib unit=s tortie={:.3} ref={time_ref} better=lower",
+            "BENCH name=table_100k_established_to_loc_rib unit=s tortie={:.3} ref=target:{TARGET_SECONDS} better=lower",
             elapsed.as_secs_f64()
+        );
+        println!(
+            "BENCH name=table_100k_go_to_loc_rib unit=s tortie={:.3} ref={go_ref} better=lower",
+            from_go.as_secs_f64()
         );
         println!(
             "BENCH name=table_100k_rss_per_route unit=bytes tortie={bytes_per_route:.0} ref={memory_ref} better=lower"
