@@ -29,7 +29,8 @@ e2e:
 
 ## Benchmarks: each prints `BENCH name=… tortie=… ref=…` lines.
 bench:
-	$(CARGO) bench --workspace 2>&1 | tee $(TORTIE_CACHE)/bench.log | grep -E '^BENCH' || true
+	$(CARGO) build --release -p tortie
+	TORTIE_BIN=$(CARGO_TARGET_DIR)/release/tortie $(CARGO) bench --workspace 2>&1 | tee $(TORTIE_CACHE)/bench.log | grep -E '^BENCH' || true
 	@echo "full output: $(TORTIE_CACHE)/bench.log"
 
 lint:

@@ -298,6 +298,7 @@ impl Agent {
                 let mtu = self.mtu();
                 // IPAM talks to the API server; do not hold up the loop while it does.
                 tokio::spawn(async move {
+                    let started = std::time::Instant::now();
                     let handle_id = pod_handle_id(&container_id);
                     let result = async {
                         let existing = ipam.ips_by_handle(&handle_id).await?;
@@ -323,6 +324,7 @@ impl Agent {
                         Ok::<_, tortie_ipam::IpamError>(a.ipv4.into_iter().chain(a.ipv6).collect())
                     }
                     .await;
+                    tracing::debug!(pod = %format!("{namespace}/{pod}"), ms = started.elapsed().as_secs_f64() * 1e3, "assign served");
                     let _ = reply.send(match result {
                         Ok(ips) => Reply {
                             ips,

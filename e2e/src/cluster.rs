@@ -27,6 +27,10 @@ pub fn workspace_root() -> PathBuf {
 
 /// The `tortie` binary cargo built (`cargo build -p tortie` runs before the tests).
 pub fn tortie_binary() -> Result<PathBuf> {
+    // Benchmarks point this at a release build.
+    if let Some(bin) = std::env::var_os("TORTIE_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let mut candidates = Vec::new();
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         candidates.push(PathBuf::from(dir).join("debug/tortie"));
@@ -105,7 +109,11 @@ impl TestCluster {
             return Ok(None);
         };
         let root = workspace_root();
-        let crds = if spec.calico_crds { "e2e/fixtures/calico-v3.26-crds.yaml" } else { "manifests/crds.yaml" };
+        let crds = if spec.calico_crds {
+            "e2e/fixtures/calico-v3.26-crds.yaml"
+        } else {
+            "manifests/crds.yaml"
+        };
         for m in [crds, "manifests/rbac.yaml"] {
             let text = fs::read_to_string(root.join(m)).with_context(|| format!("reading {m}"))?;
             api.apply(&text).with_context(|| format!("applying {m}"))?;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::core::DynamicObject;
 use tortie_ipam::{Resource, Store, StoreError};
 
@@ -24,6 +24,25 @@ impl KubeIpamStore {
     fn api<K: Resource>(&self) -> Api<DynamicObject> {
         Api::all_with(self.client.clone(), &api_resource(K::KIND))
     }
+}
+
+/// Runs one API call and logs its latency at debug level (per-pod IPAM cost is a benchmark).
+async fn timed<T>(
+    kind: &str,
+    op: &str,
+    name: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    let t = std::time::Instant::now();
+    let r = fut.await;
+    tracing::debug!(
+        kind,
+        op,
+        name,
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        "API call"
+    );
+    r
 }
 
 fn to_dynamic<K: Resource>(obj: &K) -> Result<DynamicObject, StoreError> {
@@ -66,18 +85,20 @@ fn map_err<K: Resource>(name: &str, err: kube::Error) -> StoreError {
 
 impl Store for KubeIpamStore {
     async fn get<K: Resource>(&self, name: &str) -> Result<K, StoreError> {
-        let obj = self
-            .api::<K>()
-            .get(name)
+        let api = self.api::<K>();
+        let obj = timed(K::KIND, "get", name, api.get(name))
             .await
             .map_err(|e| map_err::<K>(name, e))?;
         from_dynamic(obj)
     }
 
     async fn list<K: Resource>(&self) -> Result<Vec<K>, StoreError> {
-        let list = self
-            .api::<K>()
-            .list(&Default::default())
+        let api = self.api::<K>();
+        // Served from the API server's watch cache: a consistent list waits for etcd's progress
+        // notification (~100 ms here), and IPAM tolerates a stale read, since every write is
+        // a compare-and-swap that fails on a stale revision and is retried.
+        let params = ListParams::default().match_any();
+        let list = timed(K::KIND, "list", "", api.list(&params))
             .await
             .map_err(|e| map_err::<K>("", e))?;
         list.items.into_iter().map(from_dynamic).collect()
@@ -87,11 +108,15 @@ impl Store for KubeIpamStore {
         let name = obj.metadata().name.clone();
         let mut dynamic = to_dynamic(obj)?;
         dynamic.metadata.resource_version = None;
-        let created = self
-            .api::<K>()
-            .create(&PostParams::default(), &dynamic)
-            .await
-            .map_err(|e| map_err::<K>(&name, e))?;
+        let api = self.api::<K>();
+        let created = timed(
+            K::KIND,
+            "create",
+            &name,
+            api.create(&PostParams::default(), &dynamic),
+        )
+        .await
+        .map_err(|e| map_err::<K>(&name, e))?;
         from_dynamic(created)
     }
 
@@ -105,11 +130,15 @@ impl Store for KubeIpamStore {
             ));
         }
         let dynamic = to_dynamic(obj)?;
-        let stored = self
-            .api::<K>()
-            .replace(&name, &PostParams::default(), &dynamic)
-            .await
-            .map_err(|e| map_err::<K>(&name, e))?;
+        let api = self.api::<K>();
+        let stored = timed(
+            K::KIND,
+            "update",
+            &name,
+            api.replace(&name, &PostParams::default(), &dynamic),
+        )
+        .await
+        .map_err(|e| map_err::<K>(&name, e))?;
         from_dynamic(stored)
     }
 
@@ -121,8 +150,8 @@ impl Store for KubeIpamStore {
             }),
             ..DeleteParams::default()
         };
-        self.api::<K>()
-            .delete(name, &params)
+        let api = self.api::<K>();
+        timed(K::KIND, "delete", name, api.delete(name, &params))
             .await
             .map_err(|e| map_err::<K>(name, e))?;
         Ok(())

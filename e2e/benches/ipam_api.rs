@@ -1,0 +1,170 @@
+//! IPAM per pod through the real API server: the CNI plugin's Assign and Release requests to a
+//! running agent (affine block with room), p50/p99 and API writes per pod, beside the API
+//! server's floor for two writes (create + delete of one small object) measured in the same run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tortie_e2e::TopologySpec;
+use tortie_e2e::cluster::{ClusterSpec, TestCluster};
+
+const PODS: usize = 300;
+
+fn call(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
+    let mut s = UnixStream::connect(socket).expect("agent socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["ok"], true, "agent refused {req}: {v}");
+    v
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize]
+}
+
+/// Sum of mutating requests the API server has served (its own counter).
+fn api_writes(c: &TestCluster) -> f64 {
+    let m = c.kubectl(&["get", "--raw", "/metrics"]).unwrap();
+    m.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            [
+                "verb=\"POST\"",
+                "verb=\"PUT\"",
+                "verb=\"PATCH\"",
+                "verb=\"DELETE\"",
+            ]
+            .iter()
+            .any(|v| l.contains(v))
+        })
+        .filter(|l| l.contains("group=\"crd.projectcalico.org\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Requests per verb+resource for Calico's kinds, for the breakdown printed with the figures.
+fn api_requests(c: &TestCluster) -> std::collections::BTreeMap<String, f64> {
+    let m = c.kubectl(&["get", "--raw", "/metrics"]).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for l in m.lines().filter(|l| {
+        l.starts_with("apiserver_request_total{") && l.contains("crd.projectcalico.org")
+    }) {
+        let label = |k: &str| {
+            l.split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let n: f64 = l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *out.entry(format!(
+            "{} {} {}",
+            label("verb"),
+            label("resource"),
+            label("code")
+        ))
+        .or_insert(0.0) += n;
+    }
+    out
+}
+
+fn main() {
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["n1"]),
+        pool_yaml: Some(
+            "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.244.0.0/16\n"
+                .into(),
+        ),
+        ..Default::default()
+    };
+    let c = TestCluster::start("ipam_api_bench", spec)
+        .unwrap()
+        .expect("kube binaries (make deps)");
+    c.wait_ready(Duration::from_secs(60)).unwrap();
+    let socket = c.agent("n1").run_dir().join("tortie.sock");
+    // Warm-up claims the node's block, so every measured pod finds an affine block with room.
+    let warm = serde_json::json!({"op":"assign","container_id":"warm","namespace":"default","pod":"warm","ipv4":true,"ipv6":false});
+    call(&socket, &warm);
+    let writes_before = api_writes(&c);
+    let requests_before = api_requests(&c);
+    let mut samples = Vec::with_capacity(PODS);
+    for i in 0..PODS {
+        let id = format!("bench-{i}");
+        let t = Instant::now();
+        call(
+            &socket,
+            &serde_json::json!({"op":"assign","container_id":id,"namespace":"default","pod":id,"ipv4":true,"ipv6":false}),
+        );
+        call(
+            &socket,
+            &serde_json::json!({"op":"release","container_id":id}),
+        );
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let writes = (api_writes(&c) - writes_before) / PODS as f64;
+    for (k, v) in api_requests(&c) {
+        let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            eprintln!("per pod: {:>5.2} {k}", d / PODS as f64);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+
+    // The floor: two writes of one small object straight to the same API server, from a
+    // thread inside the router namespace where it listens.
+    let router = &c.topo.router.as_ref().unwrap().ns;
+    let kubeconfig_path = c.api.admin_kubeconfig().to_path_buf();
+    let floor: Vec<f64> = router
+        .enter(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig_path).unwrap();
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .unwrap();
+                let client = kube::Client::try_from(config).unwrap();
+                let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+                    kube::Api::namespaced(client, "default");
+                let mut v = Vec::new();
+                for i in 0..PODS {
+                    let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(
+                        serde_json::json!({"metadata": {"name": format!("floor-{i}")}}),
+                    )
+                    .unwrap();
+                    let t = Instant::now();
+                    api.create(&Default::default(), &cm).await.unwrap();
+                    api.delete(&format!("floor-{i}"), &Default::default())
+                        .await
+                        .unwrap();
+                    v.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                v.sort_by(f64::total_cmp);
+                v
+            })
+        })
+        .unwrap();
+    for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
+        println!(
+            "BENCH name=ipam_assign_release_api_{name} unit=ms tortie={:.2} ref=apiserver_create_delete:{:.2} better=lower",
+            percentile(&samples, p),
+            percentile(&floor, p)
+        );
+    }
+    println!(
+        "BENCH name=ipam_api_writes_per_pod unit=writes tortie={writes:.1} ref=apiserver_create_delete:2 better=lower"
+    );
+}
