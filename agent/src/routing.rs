@@ -29,6 +29,7 @@ pub struct Routing {
     client: Client,
     listen: SocketAddr,
     node_v4: Option<Ipv4Addr>,
+    node_v6: Option<std::net::Ipv6Addr>,
     restarting: bool,
     speaker: Option<(Speaker, SpeakerConfig)>,
     best: Option<broadcast::Receiver<tortie_bgp::rib::BestChange>>,
@@ -44,10 +45,15 @@ impl Routing {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
         });
+        let node_v6 = node.addr_v6.and_then(|a| match a.addr() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        });
         Ok(Routing {
             client,
             listen: cfg.bgp_listen,
             node_v4,
+            node_v6,
             // State left by a previous run means this is a restart: tell peers (RFC 4724 R bit)
             // so they keep our routes while we come back; our kernel routes were kept too.
             restarting: cfg.run_dir.join("workloads.json").exists(),
@@ -168,6 +174,12 @@ impl Routing {
             pc.md5_password = password;
             pc.route_reflector_client = plan.rr_client;
             pc.hold_time = 90;
+            // An external router (eBGP BGPPeer) learns each block from the node that owns it;
+            // re-advertising other nodes' blocks would make nodes transit and can loop.
+            pc.export_local_only =
+                matches!(plan.source, PeerSource::BgpPeer(_)) && plan.remote_as != view.my_as();
+            // IPv6 blocks over an IPv4 session need a real IPv6 next hop (BIRD refuses mapped ones).
+            pc.next_hop_v6 = self.node_v6;
             let result = if self.plans.contains_key(&addr) {
                 speaker.update_peer(pc)
             } else {

@@ -42,6 +42,9 @@ pub struct PeerSettings {
     pub remote_as: u32,
     /// The peer is our route-reflector client.
     pub route_reflector_client: bool,
+    /// Send this peer only routes we originate: a Kubernetes node is no transit for other
+    /// nodes' blocks towards an external router, which learns each block from its owner.
+    pub export_local_only: bool,
 }
 
 /// Per-session facts the RIB needs while a peer is Established.
@@ -853,6 +856,9 @@ impl Rib {
         let Some(t) = self.peer(target) else {
             return false;
         };
+        if t.settings.export_local_only && best.source != LOCAL {
+            return false;
+        }
         let Some(session) = t.session.as_ref() else {
             return false;
         };

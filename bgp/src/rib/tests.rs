@@ -29,6 +29,7 @@ fn up(rib: &mut Rib, last: u8, remote_as: u32, client: bool) -> RibOutput {
         PeerSettings {
             remote_as,
             route_reflector_client: client,
+            export_local_only: false,
         },
     );
     rib.peer_up(
@@ -540,6 +541,7 @@ fn ipv6_prefix_is_exported_with_the_configured_ipv6_next_hop() {
         PeerSettings {
             remote_as: LOCAL_AS,
             route_reflector_client: false,
+            export_local_only: false,
         },
     );
     let nh: Ipv6Addr = "fd00::1".parse().unwrap();
@@ -579,4 +581,46 @@ fn ebgp_route_not_starting_with_the_peer_as_is_rejected() {
         &announce("10.8.0.0/16", [10, 0, 0, 2], &[65002], |_| {}),
     );
     assert_eq!(s.accepted, 1);
+}
+
+#[test]
+fn export_local_only_peer_gets_originated_routes_but_not_learned_ones() {
+    let mut rib = rib();
+    up(&mut rib, 2, LOCAL_AS, false);
+    rib.add_peer(
+        addr(3),
+        PeerSettings {
+            remote_as: 65000,
+            route_reflector_client: false,
+            export_local_only: true,
+        },
+    );
+    rib.peer_up(
+        addr(3),
+        PeerSession {
+            remote_id: Ipv4Addr::new(10, 0, 0, 3),
+            families: vec![Afi::Ipv4],
+            next_hop_v4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            next_hop_v6: None,
+        },
+    );
+    rib.originate(prefix("10.244.1.0/26"));
+    rib.apply_update(
+        addr(2),
+        &announce("10.244.2.0/26", [10, 0, 0, 2], &[], |_| {}),
+    );
+    assert!(
+        rib.best(&prefix("10.244.2.0/26")).is_some(),
+        "the learned route is in the Loc-RIB"
+    );
+    let out: Vec<IpNet> = rib
+        .adj_rib_out(addr(3))
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(
+        out,
+        vec![prefix("10.244.1.0/26")],
+        "only our own block goes to the external peer"
+    );
 }

@@ -141,6 +141,8 @@ pub struct PeerConfig {
     pub hold_time: u16,
     /// Treat the peer as our route-reflector client.
     pub route_reflector_client: bool,
+    /// Advertise only locally originated prefixes to this peer (no transit).
+    pub export_local_only: bool,
     /// Outgoing TTL (e.g. 255 for GTSM-style, or > 1 for multihop).
     pub ttl: Option<u8>,
     /// IPv4 next hop to announce for our routes; default: the session's local address.
@@ -162,6 +164,7 @@ impl PeerConfig {
             source_address: None,
             hold_time: 90,
             route_reflector_client: false,
+            export_local_only: false,
             ttl: None,
             next_hop_v4: None,
             next_hop_v6: None,
@@ -452,6 +455,7 @@ impl Speaker {
                 settings: PeerSettings {
                     remote_as: peer.remote_as,
                     route_reflector_client: peer.route_reflector_client,
+                    export_local_only: peer.export_local_only,
                 },
                 out: out_tx,
                 shared: shared.clone(),
