@@ -585,6 +585,7 @@ impl Agent {
             &self.dataplane.counters(),
             &self.routing.status(),
             self.workloads.len(),
+            ready,
         );
         if let Ok(mut t) = self.metrics_text.lock() {
             *t = text;
