@@ -1297,4 +1297,95 @@ mod tests {
         assert_eq!(find(&s, "tortie_ready", &[]), Some(0.0));
         assert_eq!(find(&s, "tortie_datastore_ready", &[]), Some(0.0));
     }
+    /// Metric names a PromQL expression mentions (`tortie_…` identifiers).
+    fn metric_names(expr: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find("tortie_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn grafana_dashboard_queries_only_metrics_the_agent_renders() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/grafana/tortie-dashboard.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+        let variables: Vec<&str> = dashboard["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(variables, ["DS_PROMETHEUS", "node"]);
+
+        let v = view();
+        let peers = [peer("10.0.0.2", "Established", 1.0)];
+        let (_, types) = parse(&render_with(&mut Metrics::new(), &v, &counters(), &peers));
+        let series_names: BTreeSet<String> = types
+            .iter()
+            .flat_map(|(family, kind)| {
+                if kind == "histogram" {
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .map(|s| format!("{family}{s}"))
+                        .collect::<Vec<_>>()
+                } else {
+                    vec![family.clone()]
+                }
+            })
+            .collect();
+        let mut ids = BTreeSet::new();
+        let mut queried = BTreeSet::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap();
+            assert!(
+                ids.insert(panel["id"].as_u64().unwrap()),
+                "panel id of {title} repeats"
+            );
+            if panel["type"] == "row" {
+                continue;
+            }
+            assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
+            let targets = panel["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{title} has no query");
+            for t in targets {
+                assert_eq!(t["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
+                let expr = t["expr"].as_str().unwrap();
+                assert!(
+                    expr.contains("instance=~\"$node\""),
+                    "{title} ignores $node: {expr}"
+                );
+                for name in metric_names(expr) {
+                    assert!(
+                        series_names.contains(&name),
+                        "{title} queries unknown {name}"
+                    );
+                    queried.insert(name);
+                }
+            }
+        }
+        for must in [
+            "tortie_bgp_peer_state",
+            "tortie_bgp_peer_flaps_total",
+            "tortie_bgp_prefixes",
+            "tortie_routes",
+            "tortie_dataplane_apply_seconds_bucket",
+            "tortie_netlink_errors_total",
+            "tortie_ipam_addresses",
+        ] {
+            assert!(
+                queried.contains(must),
+                "the dashboard has no panel on {must}"
+            );
+        }
+    }
 }
