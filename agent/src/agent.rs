@@ -566,6 +566,9 @@ impl Agent {
 
     async fn on_tick(&mut self, caches: &Caches) {
         self.ticks += 1;
+        if !self.routing.is_running() {
+            self.recompute(caches).await;
+        }
         // Repairs tampering with tortie's nftables table, as the route resync does for routes.
         if self.ticks.is_multiple_of(30)
             && let Some(inputs) = self.last_nat.clone()

@@ -117,7 +117,7 @@ impl Routing {
                     self.learned.clear();
                 }
                 Err(e) => {
-                    warn!(error = %e, "BGP speaker failed to start; will retry on the next change");
+                    warn!(error = %e, "BGP speaker failed to start; retrying in a second");
                     return;
                 }
             }
@@ -211,6 +211,11 @@ impl Routing {
                 )
             })?;
         Ok(String::from_utf8(value.0)?)
+    }
+
+    /// False after the speaker failed to start; the agent retries on its next tick.
+    pub fn is_running(&self) -> bool {
+        self.speaker.is_some()
     }
 
     pub fn learned(&self) -> Vec<LearnedRoute> {

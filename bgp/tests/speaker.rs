@@ -494,3 +494,17 @@ async fn ipv6_session_carries_ipv6_routes_with_the_session_address_as_next_hop()
         "no IPv4 next hop on an IPv6 session without next_hop_v4"
     );
 }
+
+#[tokio::test]
+async fn shutdown_releases_the_listening_port_for_a_new_speaker() {
+    // The agent restarts its speaker when the AS or router id changes: the new one must bind
+    // the same address the moment the old one's shutdown returns.
+    let first = Speaker::start(config(40, 1)).await.unwrap();
+    first.shutdown().await;
+    let second = Speaker::start(config(40, 1)).await;
+    assert!(
+        second.is_ok(),
+        "rebinding after shutdown: {:?}",
+        second.err()
+    );
+}

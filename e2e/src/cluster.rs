@@ -58,6 +58,9 @@ pub struct ClusterSpec {
     pub agent_env: BTreeMap<String, String>,
     /// Install the fixture reproducing Calico v3.26's own CRDs instead of tortie's.
     pub calico_crds: bool,
+    /// Nodes whose namespaces exist from the start but which join (Node object + agent) only
+    /// when the test calls [`TestCluster::join`].
+    pub deferred_nodes: Vec<String>,
 }
 
 /// One node's running agent.
@@ -125,11 +128,12 @@ impl TestCluster {
             "crd",
             "--all",
         ])?;
-        for node in &topo.nodes {
-            api.apply(&format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    kubernetes.io/hostname: {}\n    tortie.test/segment: \"{}\"\n",
-                node.name, node.name, node.segment
-            ))?;
+        for node in topo
+            .nodes
+            .iter()
+            .filter(|n| !spec.deferred_nodes.contains(&n.name))
+        {
+            register_node(&api, &node.name, node.segment)?;
         }
         if let Some(pool) = &spec.pool_yaml {
             api.apply(pool)?;
@@ -144,6 +148,9 @@ impl TestCluster {
         };
         for i in 0..cluster.topo.nodes.len() {
             let name = cluster.topo.nodes[i].name.clone();
+            if cluster.spec.deferred_nodes.contains(&name) {
+                continue;
+            }
             let dir = WorkDir::new(&format!("agent-{name}"))?;
             let mut agent = AgentProc {
                 node: name,
@@ -182,6 +189,21 @@ impl TestCluster {
             .stdout(log.try_clone()?)
             .stderr(log);
         agent.proc = Some(Owned::new(cmd.spawn().context("starting tortie agent")?));
+        Ok(())
+    }
+
+    /// A deferred node joins: its Node object is registered (as kubelet would) and its agent starts.
+    pub fn join(&mut self, node: &str) -> Result<()> {
+        let segment = self.topo.node(node).segment;
+        register_node(&self.api, node, segment)?;
+        let dir = WorkDir::new(&format!("agent-{node}"))?;
+        let mut agent = AgentProc {
+            node: node.to_owned(),
+            dir,
+            proc: None,
+        };
+        self.launch(&mut agent)?;
+        self.agents.push(agent);
         Ok(())
     }
 
@@ -394,6 +416,14 @@ impl TestCluster {
         )?;
         Ok(())
     }
+}
+
+fn register_node(api: &TestApiServer, name: &str, segment: usize) -> Result<()> {
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    kubernetes.io/hostname: {name}\n    \
+         tortie.test/segment: \"{segment}\"\n"
+    ))?;
+    Ok(())
 }
 
 fn tail(s: &str, n: usize) -> String {

@@ -117,3 +117,66 @@ fn mesh_and_bird_tor_route_blocks_and_tor_prefixes() {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
 }
+
+#[test]
+fn bgp_configuration_as_number_and_mesh_switch_live() {
+    require_root();
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1", "a2"]),
+        pool_yaml: Some(POOL_NEVER.to_owned()),
+        ..Default::default()
+    };
+    let Some(c) =
+        TestCluster::start("bgp_configuration_as_number_and_mesh_switch_live", spec).unwrap()
+    else {
+        return;
+    };
+    let established = |n: &str| -> anyhow::Result<bool> {
+        let st = peer_states(&c, n)?;
+        Ok(!st.is_empty() && st.iter().all(|(_, s)| s == "Established"))
+    };
+    wait_for("mesh up", Duration::from_secs(30), || {
+        Ok(established("a1")?.then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    c.api
+        .apply(
+            "apiVersion: crd.projectcalico.org/v1\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  \
+             asNumber: 65100\n  nodeToNodeMeshEnabled: true\n",
+        )
+        .unwrap();
+    wait_for(
+        "both nodes speak AS 65100 and the mesh is back",
+        Duration::from_secs(30),
+        || {
+            let s = c.status("a1")?;
+            let peer_as = s["peers"][0]["as"].as_u64();
+            Ok((s["as_number"] == 65100
+                && peer_as == Some(65100)
+                && established("a1")?
+                && established("a2")?)
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    c.kubectl(&[
+        "patch",
+        "bgpconfiguration",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"nodeToNodeMeshEnabled":false}}"#,
+    ])
+    .unwrap();
+    wait_for(
+        "mesh off: no sessions left",
+        Duration::from_secs(20),
+        || {
+            Ok(
+                (peer_states(&c, "a1")?.is_empty() && peer_states(&c, "a2")?.is_empty())
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+}

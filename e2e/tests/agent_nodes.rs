@@ -106,3 +106,64 @@ fn deleted_node_loses_peers_routes_and_ipam() {
         start.elapsed()
     );
 }
+
+#[test]
+fn joining_node_gets_peers_routes_and_a_block() {
+    require_root();
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1", "a2"]).segment(["b1"]),
+        pool_yaml: Some(
+            "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.244.0.0/16\n  \
+             vxlanMode: CrossSubnet\n"
+                .to_owned(),
+        ),
+        deferred_nodes: vec!["b1".to_owned()],
+        ..Default::default()
+    };
+    let Some(mut c) =
+        TestCluster::start("joining_node_gets_peers_routes_and_a_block", spec).unwrap()
+    else {
+        return;
+    };
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let pa = c.add_pod("a1", "early").unwrap();
+    let start = Instant::now();
+    c.join("b1").unwrap();
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let pb = c.add_pod("b1", "late").unwrap();
+    wait_for(
+        "the new node's pod reaches the old node's pod",
+        Duration::from_secs(20),
+        || Ok(pb.ns.ping_once(&pa.ip.to_string(), 200).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    eprintln!(
+        "FIGURE node join: new node's pod reaches the cluster {:?} after the Node appeared",
+        start.elapsed()
+    );
+    for n in ["a1", "a2"] {
+        wait_for(
+            &format!("{n} peers with the new node"),
+            Duration::from_secs(20),
+            || {
+                let peers = c.status(n)?["peers"].clone();
+                Ok(peers
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["address"] == "10.77.1.10" && p["state"] == "Established")
+                    .then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    }
+    let blocks = c.status("b1").unwrap()["blocks"].clone();
+    assert!(
+        blocks.as_array().is_some_and(|b| !b.is_empty()),
+        "the new node owns a block: {blocks}"
+    );
+    c.del_pod(&pa).unwrap();
+    c.del_pod(&pb).unwrap();
+}

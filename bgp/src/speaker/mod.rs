@@ -607,6 +607,19 @@ impl Speaker {
                 warn!("bgp peer task did not stop within 2 s");
             }
         }
+        // Wait for the listener and RIB tasks to be gone, so the listening socket is closed
+        // when this returns and a new speaker can bind the same address at once.
+        let tasks: Vec<JoinHandle<()>> = self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for task in tasks {
+            task.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
     }
 }
 
