@@ -41,10 +41,13 @@ lint:
 deps:
 	e2e/scripts/deps.sh
 
-## Removes leftover test namespaces (only those named tortie-*), killing what runs in them.
+## Removes leftover test namespaces (only tortie-<pid>-… ones whose test process is gone, or
+## every tortie-* one with FORCE=1), killing what runs in them.
 clean-netns:
 	@for ns in $$(ip netns list | awk '$$1 ~ /^tortie-/ {print $$1}'); do \
-		for pid in $$(ip netns pids $$ns); do kill -9 $$pid 2>/dev/null || true; done; \
+		pid=$$(echo $$ns | cut -d- -f2); \
+		if [ -z "$(FORCE)" ] && [ -d /proc/$$pid ]; then continue; fi; \
+		for p in $$(ip netns pids $$ns); do kill -9 $$p 2>/dev/null || true; done; \
 		ip netns del $$ns && echo "removed netns $$ns"; \
 	done; true
 

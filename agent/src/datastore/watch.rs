@@ -14,6 +14,40 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// Retry delays after a watch error: 200 ms doubling to 2 s. kube-runtime's default climbs
+/// to 30 s, which after an API server failover would leave the node unready for that long.
+#[derive(Debug, Clone, Copy)]
+struct QuickBackoff {
+    next: std::time::Duration,
+}
+
+impl QuickBackoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+    const CAP: std::time::Duration = std::time::Duration::from_secs(2);
+}
+
+impl Default for QuickBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for QuickBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        Some(d)
+    }
+}
+
+impl kube::runtime::utils::Backoff for QuickBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// A kind's objects by name; `synced` turns true once the first full list arrived.
 #[derive(Debug)]
 pub struct Snapshot<K> {
@@ -53,7 +87,8 @@ where
         let mut relisting: Option<BTreeMap<String, K>> = None;
         let mut synced = false;
         let mut failing = false;
-        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
+        let stream =
+            watcher::watcher(api, watcher::Config::default()).backoff(QuickBackoff::default());
         futures::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             if failing && ev.is_ok() {
