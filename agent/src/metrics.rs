@@ -136,6 +136,8 @@ struct ApplyHistogram {
     buckets: [u64; APPLY_SECONDS_BUCKETS.len() + 1],
     count: u64,
     sum: f64,
+    /// The dataplane's running maximum at the last render.
+    max: f64,
 }
 
 impl ApplyHistogram {
@@ -144,6 +146,7 @@ impl ApplyHistogram {
             buckets: [0; APPLY_SECONDS_BUCKETS.len() + 1],
             count: 0,
             sum: 0.0,
+            max: 0.0,
         }
     }
 
@@ -155,10 +158,11 @@ impl ApplyHistogram {
         self.buckets[idx] += times;
     }
 
-    /// Folds in the passes that happened since the last render. One new pass is placed exactly
-    /// (its latency is `last`); of several, the latest is exact and the others are each placed
-    /// at their mean, so `_count` and `_sum` are exact and buckets approximate only bursts.
-    fn advance(&mut self, applies: u64, seconds_total: f64, last: f64) {
+    /// Folds in the passes that happened since the last render. Known exactly: the latest
+    /// pass (`last`) and, when the running maximum grew, one pass that took `max`; any others
+    /// are each placed at their mean. `_count` and `_sum` are always exact, so only the bucket
+    /// placement of bursts between two renders is approximate.
+    fn advance(&mut self, applies: u64, seconds_total: f64, last: f64, max: f64) {
         if applies < self.count {
             // The dataplane restarted its counters: start over with it, as Prometheus would.
             *self = ApplyHistogram::new();
@@ -167,14 +171,20 @@ impl ApplyHistogram {
         if new == 0 {
             return;
         }
-        let new_seconds = (seconds_total - self.sum).max(0.0);
+        let mut rest_seconds = (seconds_total - self.sum).max(0.0) - last;
+        let mut rest = new - 1;
         self.observe(last, 1);
-        if new > 1 {
-            let rest = (new_seconds - last).max(0.0) / (new - 1) as f64;
-            self.observe(rest, new - 1);
+        if rest > 0 && max > self.max && max > last {
+            self.observe(max, 1);
+            rest -= 1;
+            rest_seconds -= max;
+        }
+        if rest > 0 {
+            self.observe(rest_seconds.max(0.0) / rest as f64, rest);
         }
         self.count = applies;
         self.sum = seconds_total;
+        self.max = self.max.max(max);
     }
 }
 
@@ -224,8 +234,12 @@ impl Metrics {
     pub fn render(&mut self, s: &Snapshot<'_>) -> String {
         self.track_peers(s.peers);
         let dp = s.dataplane;
-        self.apply
-            .advance(dp.applies, dp.apply_seconds_total, dp.apply_seconds_last);
+        self.apply.advance(
+            dp.applies,
+            dp.apply_seconds_total,
+            dp.apply_seconds_last,
+            dp.apply_seconds_max,
+        );
 
         let mut out = Exposition::default();
         out.family(
@@ -1188,10 +1202,12 @@ mod tests {
         let mut dp = counters();
         let mut m = Metrics::new();
         render_with(&mut m, &v, &dp, &[]);
-        // Four more passes: 2 s in total, the latest 0.5 ms: three of ~0.67 s each.
+        // Four more passes, 2 s in total: the latest took 0.5 ms, the longest 1.2 s (the running
+        // maximum grew), so the other two are placed at their mean of ~0.4 s.
         dp.applies = 5;
         dp.apply_seconds_total = 0.003 + 2.0;
         dp.apply_seconds_last = 0.0005;
+        dp.apply_seconds_max = 1.2;
         let (s, _) = parse(&render_with(&mut m, &v, &dp, &[]));
         let (buckets, count, sum) = histogram(&s);
         assert_eq!(count, 5.0);
@@ -1199,8 +1215,10 @@ mod tests {
         let at = |le: f64| buckets.iter().find(|b| b.0 == le).unwrap().1;
         assert_eq!(at(0.0005), 1.0, "the latest pass is placed exactly");
         assert_eq!(at(0.005), 2.0, "the first pass stays where it was");
-        assert_eq!(at(0.5), 2.0);
-        assert_eq!(at(1.0), 5.0, "the other three at their mean");
+        assert_eq!(at(0.25), 2.0);
+        assert_eq!(at(0.5), 4.0, "the other two at their mean");
+        assert_eq!(at(1.0), 4.0);
+        assert_eq!(at(2.5), 5.0, "the longest pass is placed exactly");
         // No new pass: nothing moves.
         let (s2, _) = parse(&render_with(&mut m, &v, &dp, &[]));
         assert_eq!(histogram(&s2), (buckets, count, sum));
