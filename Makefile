@@ -4,7 +4,7 @@ export TORTIE_CACHE ?= $(HOME)/.cache/tortie
 export CARGO_TARGET_DIR ?= $(TORTIE_CACHE)/target
 CARGO ?= cargo
 
-.PHONY: all build demo test e2e bench lint deps clean-netns test-kernel
+.PHONY: all build demo test e2e bench lint deps clean-netns test-kernel fuzz
 
 all: build
 
@@ -21,6 +21,12 @@ test: lint
 	$(CARGO) build -p tortie
 	TORTIE_REQUIRE_KUBE=1 $(CARGO) test --workspace --no-fail-fast; s=$$?; $(MAKE) clean-netns; exit $$s
 	$(MAKE) test-kernel
+	$(MAKE) fuzz FUZZ_SECONDS=30
+
+## The BGP decoder under libFuzzer for a bounded time (nightly toolchain, installed by deps).
+FUZZ_SECONDS ?= 60
+fuzz:
+	bgp/fuzz/run.sh $(FUZZ_SECONDS)
 
 ## Multi-node end-to-end scenarios only (the e2e crate's tests).
 e2e:

@@ -32,3 +32,9 @@ done
 
 # Debian's stock kernel for the IPIP guest (`make test-kernel`), downloaded and unpacked once.
 "$here/../qemu/prepare.sh"
+
+# Nightly Rust only for the BGP decoder's libFuzzer run (`make fuzz`); tortie itself is stable.
+if command -v rustup >/dev/null && ! rustup toolchain list | grep -q '^nightly'; then
+  rustup toolchain install nightly --profile minimal >/dev/null 2>&1 \
+    || echo "deps: could not install nightly Rust; \`make fuzz\` will fail" >&2
+fi
