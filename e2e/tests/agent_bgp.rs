@@ -97,6 +97,36 @@ fn mesh_and_bird_tor_route_blocks_and_tor_prefixes() {
             )
         });
     }
+    // Every node's block reaches the ToR from the node that owns it (never through another
+    // node: nodes are no transit towards external peers).
+    let pods: Vec<_> = c
+        .topo
+        .nodes
+        .iter()
+        .map(|n| c.add_pod(&n.name, &format!("p-{}", n.name)).unwrap())
+        .collect();
+    for n in &c.topo.nodes {
+        let blocks = c.status(&n.name).unwrap()["blocks"].clone();
+        let block = blocks[0]
+            .as_str()
+            .unwrap_or_else(|| panic!("{} owns no block: {blocks}", n.name))
+            .to_owned();
+        wait_for(
+            &format!("ToR learns {block} from {}", n.name),
+            Duration::from_secs(20),
+            || {
+                let r = bird.birdc(&["show", "route", "for", &block, "all"])?;
+                let from_owner = r.contains(&format!("BGP.next_hop: {}", n.addr));
+                let from_others =
+                    c.topo.nodes.iter().any(|o| {
+                        o.name != n.name && r.contains(&format!("BGP.next_hop: {}", o.addr))
+                    });
+                Ok((from_owner && !from_others).then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", bird.routes(None).unwrap_or_default()));
+    }
+    drop(pods);
     // A prefix the ToR originates is installed on every node, via the ToR on the node's segment.
     for n in &c.topo.nodes {
         let want = format!("192.0.2.0/24 via 10.77.{}.1 dev eth0", n.segment);
