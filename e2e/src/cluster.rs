@@ -25,27 +25,38 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// The `tortie` binary cargo built (`cargo build -p tortie` runs before the tests).
+/// The `tortie` binary: `$TORTIE_BIN` when set (benchmarks point it at a release build),
+/// otherwise the debug build, which `cargo build -p tortie` brings up to date once per test
+/// process so a test never runs a stale agent.
 pub fn tortie_binary() -> Result<PathBuf> {
-    // Benchmarks point this at a release build.
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     if let Some(bin) = std::env::var_os("TORTIE_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    let mut candidates = Vec::new();
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        candidates.push(PathBuf::from(dir).join("debug/tortie"));
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join(".cache/tortie/target/debug/tortie"));
-    }
-    candidates.push(workspace_root().join("target/debug/tortie"));
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .with_context(|| {
-            format!("tortie binary not found in {candidates:?}; run `cargo build -p tortie`")
+    BUILT
+        .get_or_init(|| {
+            let root = workspace_root();
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-q", "-p", "tortie"])
+                .current_dir(&root)
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .map_err(|e| format!("running cargo build -p tortie: {e}"))?;
+            let bin = target.join("debug/tortie");
+            if !status.success() || !bin.exists() {
+                return Err(format!(
+                    "cargo build -p tortie failed ({status}); {} missing",
+                    bin.display()
+                ));
+            }
+            Ok(bin)
         })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// What to build.

@@ -12,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,31 +20,12 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tortie_e2e::Netns;
 
-/// The `tortie` binary, built once per test process with `cargo build -p tortie`.
+/// The `tortie` binary (see `tortie_e2e::cluster::tortie_binary`).
 pub fn tortie_binary() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .expect("e2e lives inside the workspace")
-                .to_owned();
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| workspace.join("target"));
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "tortie"])
-                .current_dir(&workspace)
-                .env("CARGO_TARGET_DIR", &target)
-                .status()
-                .expect("running cargo build -p tortie");
-            assert!(status.success(), "cargo build -p tortie failed");
-            let bin = target.join("debug").join("tortie");
-            assert!(bin.exists(), "{} missing after the build", bin.display());
-            bin
-        })
-        .clone()
+    match tortie_e2e::cluster::tortie_binary() {
+        Ok(bin) => bin,
+        Err(e) => panic!("{e:#}"),
+    }
 }
 
 /// What one plugin invocation printed and how it exited.
