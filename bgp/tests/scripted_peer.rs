@@ -473,3 +473,68 @@ async fn restarting_speaker_announces_restart_and_forwarding_bits_then_end_of_ri
     eors.sort();
     assert_eq!(eors, vec![Afi::Ipv4, Afi::Ipv6]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_speaker_handle_closes_sessions_without_notification() {
+    // Dropping the handle is tortie's crash: a peer doing graceful restart must see the
+    // connection close, never a Cease (which would make it flush tortie's routes). The
+    // RIB task's end used to race with the peer tasks' abort; many peers widen the window.
+    const PEERS: u8 = 12;
+    let mut listeners = Vec::new();
+    for host in 2..2 + PEERS {
+        listeners.push(
+            TcpListener::bind(SocketAddr::new(ip(47, host), PORT))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..5 {
+        let a = Speaker::start(SpeakerConfig {
+            listen: None,
+            connect_retry: Duration::from_millis(300),
+            ..SpeakerConfig::new(v4(47, 1), AS)
+        })
+        .await
+        .unwrap();
+        a.originate("10.72.1.0/26".parse().unwrap()).unwrap();
+        let mut peers = Vec::new();
+        for (i, listener) in listeners.iter().enumerate() {
+            let host = 2 + i as u8;
+            a.add_peer(PeerConfig {
+                port: PORT,
+                source_address: Some(ip(47, 1)),
+                ..PeerConfig::new(ip(47, host), AS)
+            })
+            .unwrap();
+            let mut p = ScriptedPeer::accept(listener, DecodeContext::default()).await;
+            p.handshake(open(AS, v4(47, host), true)).await;
+            p.recv_until("End-of-RIB", |m| {
+                update_of(m).is_some_and(|u| u.end_of_rib_family().is_some())
+            })
+            .await;
+            peers.push(p);
+        }
+        drop(a);
+        for (i, p) in peers.iter_mut().enumerate() {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(len) = frame_length(&p.buf).unwrap() {
+                    let mut frame: Bytes = p.buf.split_to(len).freeze();
+                    let m = Message::decode(&mut frame, &p.ctx).unwrap();
+                    assert!(
+                        !matches!(m, Message::Notification(_)),
+                        "round {round} peer {i}: dropped speaker sent {m:?}"
+                    );
+                    continue;
+                }
+                let n = tokio::time::timeout_at(deadline.into(), p.stream.read_buf(&mut p.buf))
+                    .await
+                    .expect("connection closed within 10 s")
+                    .unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -320,14 +320,9 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for task in self
-            .tasks
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            task.abort();
-        }
+        // Peer tasks first: once the RIB task is gone their route channels close, and a
+        // peer task that ran before its abort would take that for a removal and send Cease,
+        // which a graceful-restart helper answers by flushing our routes.
         for (_, peer) in self
             .peers
             .get_mut()
@@ -335,6 +330,14 @@ impl Drop for Inner {
             .drain()
         {
             peer.task.abort();
+        }
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            task.abort();
         }
     }
 }

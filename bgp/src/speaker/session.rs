@@ -238,8 +238,13 @@ async fn run_inner(params: SessionParams) {
             () = sleep_until_opt(deadline) => Wake::Timer,
         };
         match wake {
-            // The RIB closing our route channel also means the peer was removed.
-            Wake::Command(None) | Wake::Command(Some(PeerCmd::Remove)) | Wake::Routes(None) => {
+            // The speaker handle is gone, or the RIB task is: the speaker was dropped, which
+            // must look like a crash to the peer (connection closed, no NOTIFICATION), so a
+            // graceful-restart helper keeps our routes. `remove_peer` sends `Remove` first.
+            Wake::Command(None) => s.abandon(),
+            Wake::Routes(None) if s.rib.is_closed() => s.abandon(),
+            // The RIB closing our route channel while it runs means the peer was removed.
+            Wake::Command(Some(PeerCmd::Remove)) | Wake::Routes(None) => {
                 s.removed = true;
                 s.feed(Event::ManualStop).await;
                 s.secondary = None;
@@ -265,6 +270,14 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Session {
+    /// End the task without a NOTIFICATION: the connections just close.
+    fn abandon(&mut self) {
+        debug!("bgp speaker dropped; closing the connection without NOTIFICATION");
+        self.removed = true;
+        self.primary = None;
+        self.secondary = None;
+    }
+
     /// A fresh FSM for a new connection attempt. The Restart State bit is only announced
     /// while the restart window after start-up lasts (RFC 4724 §3).
     fn new_fsm(&self, passive: bool) -> Fsm {
