@@ -35,16 +35,41 @@ fn bird_conf(node: &Node, routes4: &[&str], routes6: &[&str], bgp: &str) -> Stri
     c
 }
 
-/// A `protocol bgp` block towards `neighbor` (iBGP 64512), both families on one IPv4 session.
+/// A `protocol bgp` block towards `neighbor` (iBGP 64512), both families on one IPv4 session;
+/// BIRD's own routes get its addresses as next hops.
 fn bird_bgp(name: &str, me: &Node, neighbor: &Node, extra: &str) -> String {
+    let next_hops = (
+        "next hop self;".to_owned(),
+        format!("next hop address {};", me.addr6),
+    );
+    bird_bgp_block(name, me, neighbor, extra, next_hops)
+}
+
+/// A reflector's `protocol bgp` block: next hops of reflected routes are left alone.
+fn bird_reflector_bgp(name: &str, me: &Node, client: &Node) -> String {
+    bird_bgp_block(
+        name,
+        me,
+        client,
+        "rr client;",
+        (String::new(), String::new()),
+    )
+}
+
+fn bird_bgp_block(
+    name: &str,
+    me: &Node,
+    neighbor: &Node,
+    extra: &str,
+    (next_hop4, next_hop6): (String, String),
+) -> String {
     format!(
         "protocol bgp {name} {{\n  local {l} as {CALICO_AS};\n  neighbor {n} as {CALICO_AS};\n  \
-         direct;\n  connect retry time 1;\n  debug {{ states, packets }};\n  {extra}\n  \
-         ipv4 {{ import all; export all; next hop self; gateway direct; }};\n  \
-         ipv6 {{ import all; export all; next hop address {l6}; gateway direct; }};\n}}\n",
+         direct;\n  connect retry time 1;\n  error wait time 1, 3;\n  debug {{ states, packets }};\n  \
+         {extra}\n  ipv4 {{ import all; export all; {next_hop4} gateway direct; }};\n  \
+         ipv6 {{ import all; export all; {next_hop6} gateway direct; }};\n}}\n",
         l = me.addr,
         n = neighbor.addr,
-        l6 = me.addr6,
     )
 }
 
@@ -536,8 +561,8 @@ fn tortie_as_client_of_a_bird_reflector() {
     let (tn, rrn, cn) = (topo.node("tortie"), topo.node("peer"), topo.node("peer2"));
     let rr_bgp = format!(
         "{}{}",
-        bird_bgp("tortie", rrn, tn, "rr client;"),
-        bird_bgp("peer2", rrn, cn, "rr client;")
+        bird_reflector_bgp("tortie", rrn, tn),
+        bird_reflector_bgp("peer2", rrn, cn)
     );
     let rr = Bird::start(&rrn.ns, &bird_conf(rrn, &[], &[], &rr_bgp)).unwrap();
     let client = Bird::start(
