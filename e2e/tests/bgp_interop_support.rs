@@ -90,6 +90,15 @@ impl TortieNode {
             .unwrap();
     }
 
+    /// Replaces a peer's settings (the session restarts), on a runtime thread like `add_peer`.
+    pub fn update_peer(&self, peer: PeerConfig) {
+        let speaker = self.speaker().clone();
+        self.rt()
+            .block_on(async { tokio::spawn(async move { speaker.update_peer(peer) }).await })
+            .unwrap()
+            .unwrap();
+    }
+
     pub fn originate(&self, prefix: &str) {
         self.speaker().originate(prefix.parse().unwrap()).unwrap();
     }
