@@ -40,27 +40,55 @@ pub struct LocalWorkload {
 }
 
 struct Caches {
-    nodes: Cache<Node>,
-    pools: Cache<DynamicObject>,
-    blocks: Cache<DynamicObject>,
-    bgp_configs: Cache<DynamicObject>,
-    bgp_peers: Cache<DynamicObject>,
+    nodes: Cache<NodeInfo>,
+    pools: Cache<IpPool>,
+    blocks: Cache<IpamBlock>,
+    bgp_configs: Cache<BgpConfigurationSpec>,
+    bgp_peers: Cache<BgpPeerSpec>,
+}
+
+/// A Calico object as its typed form (the whole object, with metadata).
+fn decode_object<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
+    serde_json::to_value(obj)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("does not decode: {e}"))
+}
+
+/// A Calico object's `spec` (an absent spec is an empty one).
+fn decode_spec<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
+    let spec = obj
+        .data
+        .get("spec")
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    serde_json::from_value(spec).map_err(|e| format!("spec does not decode: {e}"))
+}
+
+/// What tortie needs of a Node; a bad annotation is reported and that field left unset.
+fn decode_node(node: &Node) -> Result<NodeInfo, String> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let ann = node.metadata.annotations.clone().unwrap_or_default();
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    let (info, errors) = NodeInfo::from_annotations(&name, &ann, &labels);
+    for e in errors {
+        warn!("{e}");
+    }
+    Ok(info)
 }
 
 impl Caches {
     fn start(client: &Client) -> Caches {
-        let dynamic = |kind: &'static str| {
-            spawn_cache(
-                kind,
-                Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)),
-            )
-        };
+        let api = |kind: &str| Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind));
         Caches {
-            nodes: spawn_cache("Node", Api::all(client.clone())),
-            pools: dynamic("IPPool"),
-            blocks: dynamic("IPAMBlock"),
-            bgp_configs: dynamic("BGPConfiguration"),
-            bgp_peers: dynamic("BGPPeer"),
+            nodes: spawn_cache("Node", Api::all(client.clone()), decode_node),
+            pools: spawn_cache("IPPool", api("IPPool"), decode_object::<IpPool>),
+            blocks: spawn_cache("IPAMBlock", api("IPAMBlock"), decode_object::<IpamBlock>),
+            bgp_configs: spawn_cache(
+                "BGPConfiguration",
+                api("BGPConfiguration"),
+                decode_spec::<BgpConfigurationSpec>,
+            ),
+            bgp_peers: spawn_cache("BGPPeer", api("BGPPeer"), decode_spec::<BgpPeerSpec>),
         }
     }
 
@@ -82,48 +110,6 @@ impl Caches {
         }
         Ok(())
     }
-}
-
-/// Decodes the objects of one Calico kind, logging (once per change) the ones that do not parse.
-fn decode_all<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    snap: &Snapshot<DynamicObject>,
-) -> Vec<(String, T)> {
-    snap.objects
-        .iter()
-        .filter_map(|(name, obj)| {
-            match serde_json::to_value(obj).and_then(serde_json::from_value::<T>) {
-                Ok(v) => Some((name.clone(), v)),
-                Err(e) => {
-                    warn!(kind, name, error = %e, "ignoring an object that does not decode");
-                    None
-                }
-            }
-        })
-        .collect()
-}
-
-fn decode_spec<T: serde::de::DeserializeOwned + Default>(
-    kind: &str,
-    snap: &Snapshot<DynamicObject>,
-) -> Vec<(String, T)> {
-    snap.objects
-        .iter()
-        .filter_map(|(name, obj)| {
-            let spec = obj
-                .data
-                .get("spec")
-                .cloned()
-                .unwrap_or(serde_json::Value::Object(Default::default()));
-            match serde_json::from_value::<T>(spec) {
-                Ok(v) => Some((name.clone(), v)),
-                Err(e) => {
-                    warn!(kind, name, error = %e, "ignoring an object whose spec does not decode");
-                    None
-                }
-            }
-        })
-        .collect()
 }
 
 struct Agent {
@@ -431,17 +417,12 @@ impl Agent {
             me: self.node.name.clone(),
             ..ClusterView::default()
         };
-        for (name, n) in &nodes.objects {
-            let ann = n.metadata.annotations.clone().unwrap_or_default();
-            let labels = n.metadata.labels.clone().unwrap_or_default();
-            let (info, errs) = NodeInfo::from_annotations(name, &ann, &labels);
-            errors.extend(errs.iter().map(ToString::to_string));
-            view.nodes.insert(name.clone(), info);
-        }
-        let pool_objs: Vec<IpPool> = decode_all::<IpPool>("IPPool", &pools)
-            .into_iter()
-            .map(|(_, p)| p)
+        view.nodes = nodes
+            .objects
+            .iter()
+            .map(|(name, n)| (name.clone(), (**n).clone()))
             .collect();
+        let pool_objs: Vec<IpPool> = pools.objects.values().map(|p| (**p).clone()).collect();
         view.pools = validate_pools(&pool_objs);
         errors.extend(
             view.pools
@@ -449,17 +430,16 @@ impl Agent {
                 .iter()
                 .map(|e| format!("{e}; the pool is ignored")),
         );
-        view.blocks = decode_all::<IpamBlock>("IPAMBlock", &blocks)
-            .into_iter()
-            .map(|(_, b)| b)
-            .collect();
-        let configs: BTreeMap<String, BgpConfigurationSpec> =
-            decode_spec("BGPConfiguration", &bgp_configs)
-                .into_iter()
-                .collect();
-        view.bgp_config = configs.get("default").cloned().unwrap_or_default();
-        view.bgp_peers = decode_spec::<BgpPeerSpec>("BGPPeer", &bgp_peers)
-            .into_iter()
+        view.blocks = blocks.objects.values().cloned().collect();
+        view.bgp_config = bgp_configs
+            .objects
+            .get("default")
+            .map(|c| (**c).clone())
+            .unwrap_or_default();
+        view.bgp_peers = bgp_peers
+            .objects
+            .iter()
+            .map(|(name, p)| (name.clone(), (**p).clone()))
             .collect();
 
         // Tunnel addresses follow the pools' modes (allocate-tunnel-addrs).

@@ -127,7 +127,8 @@ pub struct ClusterView {
     pub me: String,
     pub nodes: BTreeMap<String, NodeInfo>,
     pub pools: PoolSet,
-    pub blocks: Vec<IpamBlock>,
+    /// Shared with the watch cache: a recompute copies pointers, not allocation tables.
+    pub blocks: Vec<std::sync::Arc<IpamBlock>>,
     pub bgp_config: BgpConfigurationSpec,
     /// BGPPeer objects by name.
     pub bgp_peers: BTreeMap<String, BgpPeerSpec>,
@@ -492,11 +493,11 @@ mod tests {
             v.nodes.insert(n.into(), node(n, a));
         }
         v.blocks
-            .push(new_block("10.244.0.0/26".parse().unwrap(), Some("a")));
+            .push(new_block("10.244.0.0/26".parse().unwrap(), Some("a")).into());
         v.blocks
-            .push(new_block("10.244.0.64/26".parse().unwrap(), Some("b")));
+            .push(new_block("10.244.0.64/26".parse().unwrap(), Some("b")).into());
         v.blocks
-            .push(new_block("10.244.1.0/26".parse().unwrap(), Some("c")));
+            .push(new_block("10.244.1.0/26".parse().unwrap(), Some("c")).into());
         v
     }
 

@@ -694,9 +694,9 @@ mod tests {
             block.spec.allocations[ordinal as usize] = Some(0);
             block.spec.unallocated.retain(|o| *o != ordinal);
         }
-        v.blocks.push(block);
+        v.blocks.push(block.into());
         v.blocks
-            .push(new_block("10.244.0.64/26".parse().unwrap(), Some("b")));
+            .push(new_block("10.244.0.64/26".parse().unwrap(), Some("b")).into());
         v
     }
 

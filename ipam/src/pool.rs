@@ -115,7 +115,7 @@ impl PoolSet {
     }
 
     /// Per-pool address accounting from the current blocks (pure; the caller supplies the list).
-    pub fn usage(&self, blocks: &[IpamBlock]) -> Vec<PoolUsage> {
+    pub fn usage<B: std::borrow::Borrow<IpamBlock>>(&self, blocks: &[B]) -> Vec<PoolUsage> {
         self.valid
             .iter()
             .map(|p| {
@@ -129,6 +129,7 @@ impl PoolSet {
                 };
                 let mut block_addresses: u128 = 0;
                 for b in blocks {
+                    let b: &IpamBlock = b.borrow();
                     let Some(cidr) = b.spec.parsed_cidr() else {
                         continue;
                     };

@@ -48,10 +48,12 @@ impl kube::runtime::utils::Backoff for QuickBackoff {
     }
 }
 
-/// A kind's objects by name; `synced` turns true once the first full list arrived.
+/// A kind's objects by name, decoded once when they arrive (so a recompute costs pointer
+/// copies, not a JSON decode of every block); `synced` turns true once the first full list
+/// arrived.
 #[derive(Debug)]
-pub struct Snapshot<K> {
-    pub objects: BTreeMap<String, K>,
+pub struct Snapshot<T> {
+    pub objects: BTreeMap<String, Arc<T>>,
     pub synced: bool,
 }
 
@@ -74,17 +76,36 @@ pub fn datastore_healthy() -> bool {
     WATCHES_FAILING.load(Ordering::Relaxed) == 0
 }
 
-/// Starts watching `api`; the receiver always holds the latest complete view. While the API
-/// server is unreachable the last view stays (nothing is deleted) and the watcher retries with
-/// backoff.
-pub fn spawn_cache<K>(kind: &'static str, api: Api<K>) -> watch::Receiver<Arc<Snapshot<K>>>
+/// Starts watching `api`; the receiver always holds the latest complete view, each object
+/// turned into a `T` by `decode`. An object that does not decode is logged with its name and
+/// the reason, and left out (others are unaffected). While the API server is unreachable the
+/// last view stays (nothing is deleted) and the watcher retries with backoff.
+pub fn spawn_cache<K, T>(
+    kind: &'static str,
+    api: Api<K>,
+    decode: fn(&K) -> Result<T, String>,
+) -> watch::Receiver<Arc<Snapshot<T>>>
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    T: Send + Sync + 'static,
 {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     tokio::spawn(async move {
-        let mut current: BTreeMap<String, K> = BTreeMap::new();
-        let mut relisting: Option<BTreeMap<String, K>> = None;
+        let mut current: BTreeMap<String, Arc<T>> = BTreeMap::new();
+        let mut relisting: Option<BTreeMap<String, Arc<T>>> = None;
+        let decoded = |obj: &K| -> Option<(String, Arc<T>)> {
+            let name = obj.meta().name.clone().unwrap_or_default();
+            match decode(obj) {
+                Ok(v) => Some((name, Arc::new(v))),
+                Err(reason) => {
+                    warn!(
+                        kind,
+                        name, "{reason}; the object is ignored until it is fixed"
+                    );
+                    None
+                }
+            }
+        };
         let mut synced = false;
         let mut failing = false;
         let stream =
@@ -98,7 +119,11 @@ where
             }
             let changed = match ev {
                 Ok(Event::Apply(obj)) => {
-                    current.insert(obj.meta().name.clone().unwrap_or_default(), obj);
+                    let name = obj.meta().name.clone().unwrap_or_default();
+                    match decoded(&obj) {
+                        Some((name, v)) => current.insert(name, v),
+                        None => current.remove(&name),
+                    };
                     true
                 }
                 Ok(Event::Delete(obj)) => {
@@ -110,8 +135,8 @@ where
                     false
                 }
                 Ok(Event::InitApply(obj)) => {
-                    if let Some(r) = relisting.as_mut() {
-                        r.insert(obj.meta().name.clone().unwrap_or_default(), obj);
+                    if let (Some(r), Some((name, v))) = (relisting.as_mut(), decoded(&obj)) {
+                        r.insert(name, v);
                     }
                     false
                 }
