@@ -183,3 +183,83 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
 }
+
+#[test]
+fn first_agent_creates_the_default_pool_from_calico_env() {
+    require_root();
+    let env = [
+        ("CALICO_IPV4POOL_CIDR", "10.250.0.0/16"),
+        ("CALICO_IPV4POOL_BLOCK_SIZE", "27"),
+        ("CALICO_IPV4POOL_IPIP", "Never"),
+        ("CALICO_IPV4POOL_VXLAN", "Always"),
+        ("CALICO_IPV4POOL_NAT_OUTGOING", "false"),
+    ];
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1"]).segment(["b1"]),
+        pool_yaml: None,
+        agent_env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let Some(c) =
+        TestCluster::start("first_agent_creates_the_default_pool_from_calico_env", spec).unwrap()
+    else {
+        return;
+    };
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let pools = c.kubectl(&["get", "ippools", "-o", "json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&pools).unwrap();
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(
+        items.len(),
+        1,
+        "exactly one default pool, even with two agents racing: {pools}"
+    );
+    let p = &items[0];
+    assert_eq!(p["metadata"]["name"], "default-ipv4-ippool");
+    let s = &p["spec"];
+    assert_eq!(
+        (
+            s["cidr"].as_str(),
+            s["blockSize"].as_i64(),
+            s["ipipMode"].as_str(),
+            s["vxlanMode"].as_str(),
+            s["natOutgoing"].as_bool(),
+            s["nodeSelector"].as_str()
+        ),
+        (
+            Some("10.250.0.0/16"),
+            Some(27),
+            Some("Never"),
+            Some("Always"),
+            Some(false),
+            Some("all()")
+        ),
+        "{s}"
+    );
+    // And the pool is used: each node gets its VXLAN tunnel address from it.
+    for n in ["a1", "b1"] {
+        let addr = wait_for(
+            &format!("{n}'s tunnel address"),
+            Duration::from_secs(20),
+            || {
+                let a = c.kubectl(&[
+                    "get",
+                    "node",
+                    n,
+                    "-o",
+                    "jsonpath={.metadata.annotations.projectcalico\\.org/IPv4VXLANTunnelAddr}",
+                ])?;
+                Ok((!a.is_empty()).then_some(a))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+        assert!(
+            addr.starts_with("10.250."),
+            "{n}'s tunnel address {addr} is not from the default pool"
+        );
+    }
+}
