@@ -538,3 +538,47 @@ async fn dropping_the_last_speaker_handle_closes_sessions_without_notification()
         }
     }
 }
+
+#[tokio::test]
+async fn next_hop_equal_to_our_own_address_is_treated_as_withdraw() {
+    let listener = TcpListener::bind(SocketAddr::new(ip(48, 2), PORT))
+        .await
+        .unwrap();
+    let a = speaker(48, AS).await;
+    a.add_peer(peer_config(48, AS)).unwrap();
+    let mut p = ScriptedPeer::accept(&listener, DecodeContext::default()).await;
+    p.handshake(open(AS, v4(48, 2), true)).await;
+    p.send(Message::Update(Box::new(announce(
+        "10.74.1.0/24",
+        &[],
+        v4(48, 2),
+    ))))
+    .await;
+    wait_route(&a, "10.74.1.0/24", true).await;
+
+    // Same prefix pointing back at the receiver (127.0.48.1): RFC 4271 §6.3 semantically
+    // incorrect NEXT_HOP, RFC 7606 treat-as-withdraw, session stays up.
+    p.send(Message::Update(Box::new(announce(
+        "10.74.1.0/24",
+        &[],
+        v4(48, 1),
+    ))))
+    .await;
+    wait_route(&a, "10.74.1.0/24", false).await;
+    let status = a.peer(ip(48, 2)).unwrap();
+    assert_eq!(status.state, State::Established);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("treat-as-withdraw") && e.contains("NEXT_HOP")),
+        "{status:?}"
+    );
+    p.send(Message::Update(Box::new(announce(
+        "10.74.2.0/24",
+        &[],
+        v4(48, 2),
+    ))))
+    .await;
+    wait_route(&a, "10.74.2.0/24", true).await;
+}

@@ -583,10 +583,18 @@ impl Session {
                 };
                 self.feed(event).await;
             }
-            Message::Update(update) => {
+            Message::Update(mut update) => {
                 self.feed(Event::UpdateMsg).await;
                 if self.fsm.state() != State::Established {
                     return;
+                }
+                // A session between two speakers sharing one address (::1 in tests) cannot
+                // tell "points at us" from "points at the peer"; leave those alone.
+                if update.outcome.treat_as_withdraw.is_none()
+                    && let Some(local) = self.primary.as_ref().map(|c| c.local.ip())
+                    && local != self.peer.address
+                {
+                    update.outcome.treat_as_withdraw = next_hop_is_local(&update, local);
                 }
                 if let Some(e) = &update.outcome.treat_as_withdraw {
                     warn!(error = %e, "bgp UPDATE malformed: treat-as-withdraw (RFC 7606)");
@@ -807,6 +815,34 @@ impl Session {
             self.feed(Event::TcpConnectionFails).await;
         }
     }
+}
+
+/// RFC 4271 §6.3: a NEXT_HOP that is the receiving speaker's own address is semantically
+/// incorrect (the route would point back at us); RFC 7606 §7.3 makes that treat-as-withdraw.
+/// `local` is our end of the session, IPv4-mapped when accepted on a dual-stack listener.
+fn next_hop_is_local(update: &Update, local: IpAddr) -> Option<DecodeError> {
+    let (local_v4, local_v6) = match local {
+        IpAddr::V4(v4) => (Some(v4), None),
+        IpAddr::V6(v6) => (v6.to_ipv4_mapped(), Some(v6)),
+    };
+    if let (Some(next_hop), Some(own)) = (update.attributes.next_hop, local_v4)
+        && next_hop == own
+        && !update.nlri.is_empty()
+    {
+        let [a, b, c, d] = next_hop.octets();
+        let attribute = bytes::Bytes::copy_from_slice(&[0x40, 3, 4, a, b, c, d]);
+        return Some(DecodeError::InvalidNextHopAttribute { attribute });
+    }
+    let reach = update.mp_reach.as_ref().filter(|r| !r.nlri.is_empty())?;
+    let own = match reach.next_hop {
+        crate::wire::NextHop::V4(v4) => local_v4.filter(|own| *own == v4).map(IpAddr::V4),
+        crate::wire::NextHop::V6 { global, .. } => {
+            local_v6.filter(|own| *own == global).map(IpAddr::V6)
+        }
+    };
+    own.map(|_| DecodeError::InvalidNextHopAttribute {
+        attribute: bytes::Bytes::new(),
+    })
 }
 
 /// Turn a decode error into the FSM event that carries it (by NOTIFICATION code).
