@@ -276,16 +276,32 @@ impl ClusterView {
 
     /// The prefixes this node originates: its confirmed blocks in pools that allow BGP export.
     pub fn advertised_prefixes(&self) -> Vec<IpNet> {
-        self.my_blocks()
-            .into_iter()
-            .filter(|b| {
-                self.pools
-                    .valid
-                    .iter()
-                    .find(|p| p.cidr.contains(&b.addr()))
-                    .is_some_and(|p| !p.disable_bgp_export)
-            })
-            .collect()
+        self.advertised_prefixes_with(&[])
+    }
+
+    /// Our blocks, plus a host route for each local pod whose address was borrowed from
+    /// another node's block (strictAffinity off, our blocks full): the more specific route
+    /// draws its traffic here, also on the block's owner, as Calico does.
+    pub fn advertised_prefixes_with(&self, local_pod_ips: &[IpAddr]) -> Vec<IpNet> {
+        let exported = |addr: IpAddr| {
+            self.pools
+                .valid
+                .iter()
+                .find(|p| p.cidr.contains(&addr))
+                .is_some_and(|p| !p.disable_bgp_export)
+        };
+        let mine = self.my_blocks();
+        let mut out: Vec<IpNet> = mine
+            .iter()
+            .copied()
+            .filter(|b| exported(b.addr()))
+            .collect();
+        for ip in local_pod_ips {
+            if exported(*ip) && !mine.iter().any(|b| b.contains(ip)) {
+                out.push(IpNet::from(*ip));
+            }
+        }
+        out
     }
 
     /// The BGP sessions this node should have: the full mesh (unless disabled, and except
@@ -715,6 +731,20 @@ mod tests {
             "fd00::1"
         );
         assert_eq!(parse_peer_ip("fd00::1").unwrap().1, 179);
+    }
+
+    #[test]
+    fn borrowed_pod_addresses_are_advertised_as_host_routes() {
+        let v = view();
+        let own: IpAddr = "10.244.0.5".parse().unwrap();
+        let borrowed: IpAddr = "10.244.0.70".parse().unwrap(); // inside b's block
+        let outside: IpAddr = "192.0.2.9".parse().unwrap(); // in no pool
+        let adv: Vec<String> = v
+            .advertised_prefixes_with(&[own, borrowed, outside])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(adv, vec!["10.244.0.0/26", "10.244.0.70/32"]);
     }
 
     #[test]
