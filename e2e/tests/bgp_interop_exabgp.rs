@@ -265,7 +265,7 @@ fn update_missing_origin_is_treated_as_withdraw() {
     }));
     assert!(matches!(peer.recv(), Message::Open(_)));
     peer.send(Message::Keepalive);
-    tortie.wait_established(v4(pn), || String::new());
+    tortie.wait_established(v4(pn), String::new);
 
     peer.send(update("10.230.8.0/24", Some(Origin::Igp), pn.addr));
     tortie.wait_route("10.230.8.0/24", v4(pn));
