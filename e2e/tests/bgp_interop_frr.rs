@@ -400,3 +400,37 @@ fn tortie_aborted_and_restarted_its_routes_stay_at_frr_until_end_of_rib() {
     );
     assert!(frr_route(&frr, "ipv6", "fd65:1::/122").is_some());
 }
+
+#[test]
+fn md5_password_matching_frr_establishes_and_mismatch_does_not() {
+    let topo = pair_topology(&[]);
+    let (tn, pn) = (topo.node("tortie"), topo.node("peer"));
+    let frr = Frr::start(
+        &pn.ns,
+        &frr_conf(pn, tn, &["10.213.1.0/24"], &[], "password frr-md5"),
+    )
+    .unwrap();
+    let tortie = TortieNode::start(tn, speaker_config(tn, CALICO_AS));
+    tortie.add_peer(PeerConfig {
+        md5_password: Some("not-the-same".into()),
+        ..PeerConfig::new(v4(pn), CALICO_AS)
+    });
+    let outcome = wait_for(
+        "a session despite mismatched MD5 keys",
+        Duration::from_secs(6),
+        || Ok(tortie.established(v4(pn)).then_some(())),
+    );
+    assert!(
+        outcome.is_err(),
+        "session up with mismatched keys: {:?}",
+        tortie.status(v4(pn))
+    );
+    assert_eq!(tortie.status(v4(pn)).messages_in, 0);
+
+    tortie.update_peer(PeerConfig {
+        md5_password: Some("frr-md5".into()),
+        ..PeerConfig::new(v4(pn), CALICO_AS)
+    });
+    tortie.wait_established(v4(pn), || frr_debug(&frr));
+    tortie.wait_route("10.213.1.0/24", v4(pn));
+}
