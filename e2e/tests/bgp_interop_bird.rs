@@ -395,6 +395,10 @@ fn tortie_aborted_and_restarted_its_routes_stay_at_bird_until_end_of_rib() {
     );
     // BIRD's helper keeps tortie's routes while it is away.
     let info = bird.protocol_info("tortie").unwrap();
+    assert!(
+        info.contains("Neighbor graceful restart active"),
+        "BIRD is not helping tortie restart:\n{info}"
+    );
     for p in ["10.65.1.0/26", "10.65.2.0/26", "fd65:1::/122"] {
         assert!(
             bird_has_from(&bird, p, "tortie"),
