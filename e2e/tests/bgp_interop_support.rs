@@ -8,7 +8,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
 use tortie_bgp::{
     BestPath, GracefulRestartConfig, NextHop, PeerConfig, PeerStatus, SessionState, Speaker,
     SpeakerConfig,
@@ -176,14 +175,6 @@ impl TortieNode {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
     }
-
-    /// Clean stop: Cease to every peer.
-    pub fn shutdown(mut self) {
-        if let (Some(speaker), Some(rt)) = (self.speaker.take(), self.rt.as_ref()) {
-            rt.block_on(async { tokio::spawn(speaker.shutdown()).await })
-                .unwrap();
-        }
-    }
 }
 
 impl Drop for TortieNode {
@@ -225,10 +216,6 @@ pub fn v6(node: &Node) -> IpAddr {
     IpAddr::V6(node.addr6)
 }
 
-pub fn nh4(node: &Node) -> NextHop {
-    NextHop::V4(node.addr)
-}
-
 /// The global part of an IPv6 next hop (link-local second address ignored).
 pub fn global_v6(next_hop: &NextHop) -> Option<Ipv6Addr> {
     match next_hop {
@@ -259,21 +246,4 @@ pub fn wait_true(
 /// Counts non-overlapping occurrences of `needle` in a log file's text.
 pub fn count_in(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
-}
-
-/// Reads `key: value` numbers out of daemon text output, e.g. BIRD's route change stats.
-pub fn first_number_after(text: &str, key: &str) -> Result<u64> {
-    let rest = text
-        .split_once(key)
-        .with_context(|| format!("{key:?} not in output:\n{text}"))?
-        .1;
-    let digits: String = rest
-        .trim_start_matches(|c: char| !c.is_ascii_digit())
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    if digits.is_empty() {
-        bail!("no number after {key:?} in:\n{text}");
-    }
-    Ok(digits.parse()?)
 }
