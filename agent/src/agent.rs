@@ -278,6 +278,7 @@ impl Agent {
                 pod,
                 ipv4,
                 ipv6,
+                host_if,
             } => {
                 let ipam = self.ipam.clone();
                 let node = self.node.clone();
@@ -285,6 +286,18 @@ impl Agent {
                 // IPAM talks to the API server; do not hold up the loop while it does.
                 tokio::spawn(async move {
                     let started = std::time::Instant::now();
+                    // A DEL of the pod's previous sandbox may still be removing the veth name
+                    // this ADD is about to create.
+                    if let Some(host_if) = &host_if
+                        && let Err(e) = crate::cni::veth_reaper::VethReaper::shared()
+                            .wait_removed(host_if, crate::cni::veth_reaper::ADD_WAIT_LIMIT)
+                            .await
+                    {
+                        let _ = reply.send(Reply::err(format!(
+                            "assigning an address to {namespace}/{pod}: {e}"
+                        )));
+                        return;
+                    }
                     let handle_id = pod_handle_id(&container_id);
                     let result = async {
                         let existing = ipam.ips_by_handle(&handle_id).await?;
@@ -335,20 +348,48 @@ impl Agent {
                 let _ = reply.send(Reply::ok());
                 true
             }
-            Request::Release { container_id } => {
+            Request::Release {
+                container_id,
+                host_if,
+            } => {
                 let removed = self.workloads.remove(&container_id).is_some();
                 if removed {
                     self.save_workloads();
                 }
+                // The host veth goes in the background: its teardown costs the kernel ~20 ms
+                // that the runtime need not wait for. The /32 goes with the workload above.
+                let host_if_handled = host_if.is_some_and(|host_if| {
+                    // A late DEL of an older sandbox must not take the newer sandbox's veth.
+                    if let Some((owner, _)) =
+                        self.workloads.iter().find(|(_, w)| w.host_if == host_if)
+                    {
+                        info!(host_if, container = %container_id, owner = %owner, "host interface belongs to a newer sandbox; kept");
+                        return true;
+                    }
+                    match crate::cni::veth_reaper::VethReaper::shared().remove(&host_if) {
+                        Ok(removal) => {
+                            tracing::debug!(host_if, ?removal, "host interface removal");
+                            true
+                        }
+                        Err(e) => {
+                            warn!(container = %container_id, error = %e, "not removing the host interface");
+                            false
+                        }
+                    }
+                });
                 let ipam = self.ipam.clone();
                 tokio::spawn(async move {
                     let r = ipam.release_by_handle(&pod_handle_id(&container_id)).await;
-                    let _ = reply.send(match r {
+                    let released = match r {
                         Ok(_)
                         | Err(tortie_ipam::IpamError::Store(tortie_ipam::StoreError::NotFound {
                             ..
                         })) => Reply::ok(),
                         Err(e) => Reply::err(format!("releasing {container_id}: {e}")),
+                    };
+                    let _ = reply.send(Reply {
+                        host_if_handled,
+                        ..released
                     });
                 });
                 removed

@@ -30,6 +30,10 @@ pub enum Request {
         pod: String,
         ipv4: bool,
         ipv6: bool,
+        /// The host veth the plugin is about to create: the agent answers only once an
+        /// earlier DEL's background removal of that name is over. Absent from older plugins.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_if: Option<String>,
     },
     /// The pod's veth is wired: install its `/32` route(s) now.
     WorkloadUp {
@@ -37,8 +41,14 @@ pub enum Request {
         host_if: String,
         ips: Vec<IpAddr>,
     },
-    /// Forget the workload and release its handle (idempotent).
-    Release { container_id: String },
+    /// Forget the workload and release its handle (idempotent). With `host_if`, the agent
+    /// also removes that host veth after answering, and says so in
+    /// [`Reply::host_if_handled`]; older plugins omit it and remove the veth themselves.
+    Release {
+        container_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_if: Option<String>,
+    },
     /// Whether the agent can serve pods (CNI STATUS).
     Ready,
     /// Node state for `tortie status`.
@@ -58,6 +68,11 @@ pub struct Reply {
     pub mtu: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// On `release`: the agent took charge of the host veth named in the request (removing
+    /// it in the background, or keeping it because a newer sandbox of the pod owns it). An
+    /// older agent never sets it, and the plugin then removes the veth itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_if_handled: bool,
 }
 
 impl Reply {
@@ -145,4 +160,51 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Reply> {
         bail!("the tortie agent closed the connection without replying");
     }
     Ok(serde_json::from_str(&reply)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_from_older_plugins_still_parse() {
+        let release: Request =
+            serde_json::from_str(r#"{"op":"release","container_id":"c1"}"#).unwrap();
+        assert!(matches!(
+            release,
+            Request::Release { ref container_id, host_if: None } if container_id == "c1"
+        ));
+        let assign: Request = serde_json::from_str(
+            r#"{"op":"assign","container_id":"c1","namespace":"n","pod":"p","ipv4":true,"ipv6":false}"#,
+        )
+        .unwrap();
+        assert!(matches!(assign, Request::Assign { host_if: None, .. }));
+    }
+
+    #[test]
+    fn older_agents_ignore_the_host_interface_and_never_claim_it() {
+        // What an agent from before `host_if` existed would read: the field is simply unknown.
+        let line = serde_json::to_string(&Request::Release {
+            container_id: "c1".into(),
+            host_if: Some("cali0123456789a".into()),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"op":"release","container_id":"c1","host_if":"cali0123456789a"}"#
+        );
+        // And its reply, without `host_if_handled`, means "not handled".
+        let reply: Reply = serde_json::from_str(r#"{"ok":true}"#).unwrap();
+        assert!(!reply.host_if_handled);
+        let handled = serde_json::to_string(&Reply {
+            host_if_handled: true,
+            ..Reply::ok()
+        })
+        .unwrap();
+        assert_eq!(handled, r#"{"ok":true,"host_if_handled":true}"#);
+        assert_eq!(
+            serde_json::to_string(&Reply::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+    }
 }

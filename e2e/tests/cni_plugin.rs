@@ -1,5 +1,8 @@
 //! The tortie CNI plugin, run as a runtime runs it, against real pod namespaces on a node
-//! namespace, with a stand-in agent answering its local API (see `cni_support.rs`).
+//! namespace, with a stand-in agent answering its local API (see `cni_support.rs`). Tests made
+//! with `FakeAgent::for_node` get an agent that removes host veths after DEL answers, as the
+//! real one does; those made with `FakeAgent::start` get one from before that, so the plugin
+//! removes the veth itself.
 
 #[path = "cni_support.rs"]
 mod support;
@@ -266,12 +269,24 @@ fn two_pods_on_one_node_ping_each_other() {
     .unwrap();
 }
 
+/// The host end and (with it) the pod end are gone within `KERNEL_WAIT`.
+fn wait_veth_gone(node: &Netns, pod_ns: &Netns) {
+    wait_until("the host end is removed", KERNEL_WAIT, || {
+        links_named(node, "cali").unwrap().is_empty()
+    })
+    .unwrap();
+    wait_until("the pod end is removed", KERNEL_WAIT, || {
+        links_named(pod_ns, "eth0").unwrap().is_empty()
+    })
+    .unwrap();
+}
+
 #[test]
 fn del_then_add_again_gives_a_working_pod() {
     require_root();
     let topo = one_node();
     let node = &topo.node("node").ns;
-    let agent = FakeAgent::start(true).unwrap();
+    let agent = FakeAgent::for_node(node).unwrap();
     let pod_ns = Netns::create("pod-re").unwrap();
     let pod = PodRef::new(&pod_ns, "re-0");
     let config = tortie_config(agent.run_dir(), "1.0.0");
@@ -279,15 +294,14 @@ fn del_then_add_again_gives_a_working_pod() {
 
     let del = tortie(node, "DEL", &pod, &with_prev(&config, &first));
     assert!(del.ok, "DEL failed: {}", del.stdout);
-    assert!(
-        links_named(node, "cali").unwrap().is_empty(),
-        "host end removed"
+    wait_veth_gone(node, &pod_ns);
+    let release = agent.requests("release");
+    assert_eq!(release.len(), 1);
+    assert_eq!(
+        release[0]["host_if"],
+        pod.host_if().as_str(),
+        "DEL hands the host end to the agent"
     );
-    assert!(
-        links_named(&pod_ns, "eth0").unwrap().is_empty(),
-        "pod end removed"
-    );
-    assert_eq!(agent.requests("release").len(), 1);
     assert!(agent.held().is_empty(), "addresses released");
 
     let second = tortie(node, "ADD", &pod, &config).result().clone();
@@ -337,7 +351,7 @@ fn del_after_the_pod_namespace_is_gone_succeeds() {
     require_root();
     let topo = one_node();
     let node = &topo.node("node").ns;
-    let agent = FakeAgent::start(true).unwrap();
+    let agent = FakeAgent::for_node(node).unwrap();
     let pod_ns = Netns::create("pod-gone").unwrap();
     let pod = PodRef::new(&pod_ns, "gone-0");
     let config = tortie_config(agent.run_dir(), "1.0.0");
@@ -346,7 +360,10 @@ fn del_after_the_pod_namespace_is_gone_succeeds() {
 
     let del = tortie(node, "DEL", &pod, &config);
     assert!(del.ok, "DEL failed: {} {}", del.stdout, del.stderr);
-    assert!(links_named(node, "cali").unwrap().is_empty());
+    wait_until("the host end is gone", KERNEL_WAIT, || {
+        links_named(node, "cali").unwrap().is_empty()
+    })
+    .unwrap();
     assert!(agent.held().is_empty(), "addresses released");
 }
 
@@ -738,4 +755,93 @@ fn dual_stack_pods_ping_each_other_over_ipv6() {
         ns_b.ping_once(&a6, 500)
     })
     .unwrap();
+}
+
+#[test]
+fn del_then_immediate_add_of_the_same_pod_name_keeps_the_new_veth() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    let agent = FakeAgent::for_node(node).unwrap();
+    let config = tortie_config(agent.run_dir(), "1.0.0");
+    let host_if = PodRef::in_netns_named("unused", "same-0").host_if();
+    // Several rounds, each a new sandbox (new container, new namespace) of the same pod; the
+    // old namespaces stay, as a runtime's may, so only the DEL removes their veths.
+    let mut sandboxes: Vec<(Netns, PodRef, Value)> = Vec::new();
+    for round in 0..5 {
+        let ns = Netns::create("pod-same").unwrap();
+        let pod = PodRef::new(&ns, "same-0");
+        assert_eq!(pod.host_if(), host_if, "one pod name, one host veth name");
+        if let Some((_, old_pod, old_result)) = sandboxes.last() {
+            let del = tortie(node, "DEL", old_pod, &with_prev(&config, old_result));
+            assert!(del.ok, "round {round} DEL: {} {}", del.stdout, del.stderr);
+        }
+        let result = tortie(node, "ADD", &pod, &config).result().clone();
+        sandboxes.push((ns, pod, result));
+    }
+    agent.drain_removals(KERNEL_WAIT).unwrap();
+
+    // The last sandbox's veth survived every earlier removal and is wired correctly; the
+    // earlier sandboxes lost theirs.
+    for (ns, _, _) in &sandboxes[..sandboxes.len() - 1] {
+        assert!(links_named(ns, "eth0").unwrap().is_empty(), "{}", ns.name());
+    }
+    let (_, pod, result) = sandboxes.last().unwrap();
+    assert_eq!(links_named(node, "cali").unwrap(), vec![host_if.clone()]);
+    let check = tortie(node, "CHECK", pod, &with_prev(&config, result));
+    assert!(
+        check.ok,
+        "CHECK of the newest sandbox: {} {}",
+        check.stdout, check.stderr
+    );
+    let releases = agent.requests("release");
+    assert_eq!(releases.len(), 4);
+    assert!(releases.iter().all(|r| r["host_if"] == host_if.as_str()));
+    assert_eq!(
+        agent.held().len(),
+        1,
+        "only the newest sandbox holds an address"
+    );
+}
+
+#[test]
+fn del_with_an_agent_that_does_not_take_the_veth_removes_it_itself() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    // An agent from before `host_if`: it ignores the field and never claims the veth.
+    let agent = FakeAgent::start(true).unwrap();
+    let pod_ns = Netns::create("pod-oldagent").unwrap();
+    let pod = PodRef::new(&pod_ns, "oldagent-0");
+    let config = tortie_config(agent.run_dir(), "1.0.0");
+    tortie(node, "ADD", &pod, &config).result();
+    let del = tortie(node, "DEL", &pod, &config);
+    assert!(del.ok, "DEL failed: {} {}", del.stdout, del.stderr);
+    assert!(
+        links_named(node, "cali").unwrap().is_empty(),
+        "the plugin removed the host end before exiting"
+    );
+    assert!(agent.held().is_empty());
+}
+
+#[test]
+fn del_with_the_agent_down_removes_the_veth_and_asks_to_retry() {
+    require_root();
+    let topo = one_node();
+    let node = &topo.node("node").ns;
+    let agent = FakeAgent::for_node(node).unwrap();
+    let run_dir = agent.run_dir().to_owned();
+    let pod_ns = Netns::create("pod-deldown").unwrap();
+    let pod = PodRef::new(&pod_ns, "deldown-0");
+    let config = tortie_config(&run_dir, "1.0.0");
+    tortie(node, "ADD", &pod, &config).result();
+    drop(agent);
+
+    let del = tortie(node, "DEL", &pod, &config);
+    let err = del.error();
+    assert_eq!(err["code"], 11, "try again later: {err}");
+    assert!(
+        links_named(node, "cali").unwrap().is_empty(),
+        "the plugin removed the host end itself"
+    );
 }

@@ -3,18 +3,21 @@
 //!
 //! The stand-in speaks the agent's JSON-lines protocol (`assign`, `workload_up`, `release`,
 //! `ready`) and hands out addresses from 10.244.0.0/16 and fd00:244::/64; it replaces the agent
-//! (which needs an API server), not the kernel: everything the plugin does to interfaces is real.
+//! (which needs an API server), not the kernel: everything done to interfaces is real. Like the
+//! agent, it can take the host veth named in `release` and remove it after answering (in the
+//! node's namespace), holding back an `assign` for that name until the removal is over; without
+//! a node it answers as an agent from before `host_if` existed, and the plugin removes the veth.
 #![allow(dead_code)] // each test file uses a different part of this module
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -187,6 +190,54 @@ pub struct Behaviour {
     pub refuse: Option<&'static str>,
     /// Serve in this directory (a restarted agent reuses its predecessor's).
     pub run_dir: Option<PathBuf>,
+    /// The node's namespace file: the stand-in takes the host veth named in `release` and
+    /// removes it there after answering, as the agent does. `None`: an older agent.
+    pub removes_host_ifs_in: Option<PathBuf>,
+}
+
+/// How long an `assign` waits for the removal of its host veth name (the agent's limit).
+const ASSIGN_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// Host veths the stand-in is removing in the background, and a signal when one is done.
+#[derive(Default)]
+struct Removals {
+    names: Mutex<BTreeSet<String>>,
+    finished: Condvar,
+}
+
+impl Removals {
+    /// Waits until `name` is not being removed; false when `limit` ran out first.
+    fn wait_for(&self, name: &str, limit: Duration) -> bool {
+        let names = self.names.lock().unwrap();
+        let (_names, timeout) = self
+            .finished
+            .wait_timeout_while(names, limit, |names| names.contains(name))
+            .unwrap();
+        !timeout.timed_out()
+    }
+
+    fn start(self: &Arc<Self>, netns: &Path, name: &str) {
+        if !self.names.lock().unwrap().insert(name.to_owned()) {
+            return;
+        }
+        let removals = self.clone();
+        let netns = netns.to_owned();
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let removed = tortie_dataplane::workload_iface::in_netns(&netns, || {
+                tortie_dataplane::workload_iface::delete_host_iface(&name)
+            });
+            if let Err(e) = removed {
+                eprintln!("stand-in agent: removing {name} failed: {e}");
+            }
+            removals.names.lock().unwrap().remove(&name);
+            removals.finished.notify_all();
+        });
+    }
+
+    fn pending(&self) -> usize {
+        self.names.lock().unwrap().len()
+    }
 }
 
 #[derive(Default)]
@@ -200,6 +251,7 @@ struct FakeState {
 pub struct FakeAgent {
     dir: PathBuf,
     state: Arc<Mutex<FakeState>>,
+    removals: Arc<Removals>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -208,6 +260,15 @@ impl FakeAgent {
     pub fn start(ready: bool) -> Result<FakeAgent> {
         FakeAgent::start_with(Behaviour {
             ready,
+            ..Behaviour::default()
+        })
+    }
+
+    /// A ready stand-in that, like the agent, removes host veths in `node` after DEL answers.
+    pub fn for_node(node: &Netns) -> Result<FakeAgent> {
+        FakeAgent::start_with(Behaviour {
+            ready: true,
+            removes_host_ifs_in: Some(PathBuf::from(format!("/var/run/netns/{}", node.name()))),
             ..Behaviour::default()
         })
     }
@@ -230,8 +291,10 @@ impl FakeAgent {
             ..FakeState::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let removals = Arc::new(Removals::default());
         let thread = {
             let state = state.clone();
+            let removals = removals.clone();
             let stop = stop.clone();
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
@@ -240,14 +303,16 @@ impl FakeAgent {
                     }
                     let Ok(stream) = stream else { continue };
                     let state = state.clone();
+                    let removals = removals.clone();
                     let behaviour = behaviour.clone();
-                    std::thread::spawn(move || serve(stream, &state, &behaviour));
+                    std::thread::spawn(move || serve(stream, &state, &removals, &behaviour));
                 }
             })
         };
         Ok(FakeAgent {
             dir,
             state,
+            removals,
             stop,
             thread: Some(thread),
         })
@@ -274,6 +339,27 @@ impl FakeAgent {
     pub fn held(&self) -> BTreeMap<String, Vec<String>> {
         self.state.lock().unwrap().assigned.clone()
     }
+
+    /// Waits (at most `limit`) until every host veth taken by a DEL is removed; returns how
+    /// long that took.
+    pub fn drain_removals(&self, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let names = self.removals.names.lock().unwrap();
+        let (names, timeout) = self
+            .removals
+            .finished
+            .wait_timeout_while(names, limit, |names| !names.is_empty())
+            .unwrap();
+        if timeout.timed_out() {
+            bail!("host veths still being removed after {limit:?}: {names:?}");
+        }
+        Ok(started.elapsed())
+    }
+
+    /// How many host veth removals are in progress.
+    pub fn removals_pending(&self) -> usize {
+        self.removals.pending()
+    }
 }
 
 impl Drop for FakeAgent {
@@ -288,7 +374,12 @@ impl Drop for FakeAgent {
     }
 }
 
-fn serve(stream: UnixStream, state: &Mutex<FakeState>, behaviour: &Behaviour) {
+fn serve(
+    stream: UnixStream,
+    state: &Mutex<FakeState>,
+    removals: &Arc<Removals>,
+    behaviour: &Behaviour,
+) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -306,14 +397,27 @@ fn serve(stream: UnixStream, state: &Mutex<FakeState>, behaviour: &Behaviour) {
                 continue;
             }
         };
-        let reply = answer(&req, state, behaviour);
+        let reply = answer(&req, state, removals, behaviour);
         if writeln!(writer, "{reply}").is_err() {
             return;
         }
     }
 }
 
-fn answer(req: &Value, state: &Mutex<FakeState>, behaviour: &Behaviour) -> Value {
+fn answer(
+    req: &Value,
+    state: &Mutex<FakeState>,
+    removals: &Arc<Removals>,
+    behaviour: &Behaviour,
+) -> Value {
+    let host_if = req["host_if"].as_str();
+    // As the agent: an ADD reusing a host veth name waits for an earlier DEL's removal.
+    if req["op"] == "assign"
+        && let Some(name) = host_if
+        && !removals.wait_for(name, ASSIGN_WAIT_LIMIT)
+    {
+        return json!({"ok": false, "error": format!("host interface {name} is still being removed")});
+    }
     let mut s = state.lock().unwrap();
     s.events.push(req.clone());
     let id = req["container_id"].as_str().unwrap_or_default().to_owned();
@@ -342,7 +446,13 @@ fn answer(req: &Value, state: &Mutex<FakeState>, behaviour: &Behaviour) -> Value
         "workload_up" => json!({"ok": true}),
         "release" => {
             s.assigned.remove(&id);
-            json!({"ok": true})
+            match (&behaviour.removes_host_ifs_in, host_if) {
+                (Some(netns), Some(name)) => {
+                    removals.start(netns, name);
+                    json!({"ok": true, "host_if_handled": true})
+                }
+                _ => json!({"ok": true}),
+            }
         }
         "ready" if ready => json!({"ok": true}),
         "ready" => json!({"ok": false, "error": "tortie agent is not ready yet"}),

@@ -4,6 +4,7 @@
 pub mod install;
 pub mod plugin;
 pub mod spec;
+pub mod veth_reaper;
 
 use std::path::Path;
 

@@ -180,8 +180,18 @@ impl AgentClient {
         AgentClient { socket }
     }
 
+    /// One request; an agent that answers `ok: false` is an error.
     fn call(&self, what: &str, req: &Request, timeout: Duration) -> Result<Reply, CniError> {
-        let reply = local_api::call(&self.socket, req, timeout).map_err(|e| {
+        let reply = self.exchange(what, req, timeout)?;
+        if !reply.ok {
+            return Err(refused(what, &reply));
+        }
+        Ok(reply)
+    }
+
+    /// One request; any reply the agent sends, refusals included, is returned.
+    fn exchange(&self, what: &str, req: &Request, timeout: Duration) -> Result<Reply, CniError> {
+        local_api::call(&self.socket, req, timeout).map_err(|e| {
             // An I/O failure (no socket, refused, timed out) is transient; anything else is a
             // reply this plugin cannot read.
             if e.root_cause().downcast_ref::<std::io::Error>().is_none() {
@@ -204,30 +214,52 @@ impl AgentClient {
                 ),
                 format!("{e:#}"),
             )
-        })?;
-        if !reply.ok {
-            return Err(CniError::new(
-                ErrorCode::AgentRefused,
-                format!(
-                    "{what}: the tortie agent refused: {}",
-                    reply.error.as_deref().unwrap_or("no reason given")
-                ),
-                "see the tortie-node pod's log on this node",
-            ));
-        }
-        Ok(reply)
+        })
     }
 
+    /// Releases the pod's addresses; the caller removes the host veth itself.
     fn release(&self, container_id: &str) -> Result<(), CniError> {
         self.call(
             "releasing the pod's addresses",
             &Request::Release {
                 container_id: container_id.to_owned(),
+                host_if: None,
             },
             CALL_TIMEOUT,
         )
         .map(drop)
     }
+
+    /// Releases the pod's addresses and hands the host veth to the agent, which removes it
+    /// after answering. Returns whether the agent took the veth (an older agent does not),
+    /// alongside the outcome of the release.
+    fn release_with_host_if(
+        &self,
+        container_id: &str,
+        host_if: &str,
+    ) -> (bool, Result<(), CniError>) {
+        const WHAT: &str = "releasing the pod's addresses";
+        let req = Request::Release {
+            container_id: container_id.to_owned(),
+            host_if: Some(host_if.to_owned()),
+        };
+        match self.exchange(WHAT, &req, CALL_TIMEOUT) {
+            Ok(reply) if reply.ok => (reply.host_if_handled, Ok(())),
+            Ok(reply) => (reply.host_if_handled, Err(refused(WHAT, &reply))),
+            Err(e) => (false, Err(e)),
+        }
+    }
+}
+
+fn refused(what: &str, reply: &Reply) -> CniError {
+    CniError::new(
+        ErrorCode::AgentRefused,
+        format!(
+            "{what}: the tortie agent refused: {}",
+            reply.error.as_deref().unwrap_or("no reason given")
+        ),
+        "see the tortie-node pod's log on this node",
+    )
 }
 
 fn iface_error(what: &str, e: &WorkloadIfaceError) -> CniError {
@@ -269,6 +301,7 @@ fn add(inv: &Invocation, conf: &NetConf, agent: &AgentClient) -> Result<Value, C
             pod: inv.pod_name().unwrap_or(&inv.container_id).to_owned(),
             ipv4: conf.assign_ipv4,
             ipv6: conf.assign_ipv6,
+            host_if: Some(host_if.clone()),
         },
         ASSIGN_TIMEOUT,
     )?;
@@ -391,16 +424,29 @@ fn pod_default_routes(ips: &[IpAddr]) -> Vec<Route> {
     routes
 }
 
-/// DEL: idempotent. The host end goes (taking the pod end with it, if the namespace still
-/// exists), then the addresses. A namespace already gone, an agent that restarted and never
-/// heard of the pod, an ADD that never finished: all succeed.
+/// DEL: idempotent. The agent releases the addresses, drops the pod's routes and removes the
+/// host end (taking the pod end with it) after answering, so the runtime does not wait for
+/// the kernel's veth teardown. When the agent cannot take the veth (unreachable, or from a
+/// release without `host_if`), the plugin removes it here. A namespace already gone, an
+/// agent that restarted and never heard of the pod, an ADD that never finished: all succeed.
 fn del(inv: &Invocation, agent: &AgentClient) -> Result<(), CniError> {
     let host_if = host_if_of(inv);
-    match workload_iface::delete_host_iface(&host_if) {
-        Ok(existed) => info!(host_if, existed, "host interface removed"),
-        Err(e) => return Err(iface_error("removing the pod's host interface", &e)),
+    let (handed_over, released) = agent.release_with_host_if(&inv.container_id, &host_if);
+    if handed_over {
+        info!(host_if, "host interface handed to the agent");
+    } else {
+        match workload_iface::delete_host_iface(&host_if) {
+            Ok(existed) => info!(host_if, existed, "host interface removed"),
+            Err(e) => {
+                let mut err = iface_error("removing the pod's host interface", &e);
+                if let Err(release) = released {
+                    err.details = format!("also, {release}");
+                }
+                return Err(err);
+            }
+        }
     }
-    agent.release(&inv.container_id)
+    released
 }
 
 /// CHECK: the pod end, its addresses and routes, and the host end, against prevResult.
