@@ -1,10 +1,11 @@
 //! The only code that writes to the kernel: dumps into [`Actual`], applies [`Plan`]s through
 //! the batch socket, folds monitor events into the view, and keeps the counters.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
@@ -194,31 +195,8 @@ impl Reconciler {
                 actual.addrs.entry(index).or_default().insert(net);
             }
         }
-        let protocol = self.config.route_protocol;
-        for v6 in [false, true] {
-            let links = &actual;
-            let name_of = |i: u32| links.links.get(&i).map(|l| l.name.clone());
-            // An interrupted dump restarts from scratch: forget what the partial one gave.
-            let routes = std::cell::RefCell::new(Vec::new());
-            self.socket.dump_raw(
-                "route dump",
-                &route_dump_request(v6, Some(protocol)),
-                |kind, payload| {
-                    if let RouteNetlinkMessage::NewRoute(r) =
-                        crate::socket::parse_message("route dump", kind, payload)?
-                        && let Some(route) = parse_route(&r, name_of)
-                        && route.protocol == protocol
-                    {
-                        routes.borrow_mut().push(route);
-                    }
-                    Ok(())
-                },
-                || routes.borrow_mut().clear(),
-            )?;
-            actual
-                .routes
-                .extend(routes.into_inner().into_iter().map(|r| (r.dst, r.target)));
-        }
+        let routes = dump_own_routes(&mut self.socket, self.config.route_protocol, &actual)?;
+        actual.routes.extend(routes);
         // Every resync, not only the first: calico-node may still be draining when tortie
         // starts, and the agent may mark the state complete before the first dump.
         if self.config.adopt_calico_routes {
@@ -654,9 +632,35 @@ impl Reconciler {
             });
         }
         if !requests.is_empty() {
+            let overruns_before = self.socket.overruns();
             let results = self.socket.batch(requests)?;
+            // After a receive-buffer overrun the socket sent the requests whose answers were
+            // lost again, each with its own ACK: a create whose first copy took effect then
+            // answers EEXIST. Re-verify those against a dump of tortie's routes; an EEXIST is
+            // a failure only if the route there is not ours as wanted.
+            let verified: Option<HashMap<IpNet, RouteTarget>> =
+                if self.socket.overruns() != overruns_before {
+                    Some(
+                        dump_own_routes(&mut self.socket, protocol, &self.actual)?
+                            .into_iter()
+                            .collect(),
+                    )
+                } else {
+                    None
+                };
             let (write_results, delete_results) = results.split_at(sent_writes.len());
             for (w, result) in sent_writes.into_iter().zip(write_results) {
+                let ours_already = |nack: &Nack| {
+                    nack.errno == libc::EEXIST
+                        && w.mode == WriteMode::Create
+                        && verified
+                            .as_ref()
+                            .is_some_and(|v| v.get(&w.dst) == Some(&w.target))
+                };
+                let result = match result {
+                    Some(nack) if ours_already(nack) => &None,
+                    other => other,
+                };
                 match result {
                     None => {
                         report.writes += 1;
@@ -920,6 +924,37 @@ impl Reconciler {
     }
 }
 
+/// tortie's routes (both families) as the kernel holds them, filtered by protocol in the kernel.
+fn dump_own_routes(
+    socket: &mut BatchSocket,
+    protocol: u8,
+    links: &Actual,
+) -> Result<Vec<(IpNet, RouteTarget)>, SocketError> {
+    let name_of = |i: u32| links.links.get(&i).map(|l| l.name.clone());
+    let mut all = Vec::new();
+    for v6 in [false, true] {
+        // An interrupted dump restarts from scratch: forget what the partial one gave.
+        let routes = std::cell::RefCell::new(Vec::new());
+        socket.dump_raw(
+            "route dump",
+            &route_dump_request(v6, Some(protocol)),
+            |kind, payload| {
+                if let RouteNetlinkMessage::NewRoute(r) =
+                    crate::socket::parse_message("route dump", kind, payload)?
+                    && let Some(route) = parse_route(&r, name_of)
+                    && route.protocol == protocol
+                {
+                    routes.borrow_mut().push((route.dst, route.target));
+                }
+                Ok(())
+            },
+            || routes.borrow_mut().clear(),
+        )?;
+        all.extend(routes.into_inner());
+    }
+    Ok(all)
+}
+
 /// Time a reconcile should wait before retrying after failures: short, bounded.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
@@ -1033,6 +1068,81 @@ mod tests {
             r.on_event(&RouteNetlinkMessage::NewLink(other)),
             EventEffect::Nothing
         );
+    }
+
+    #[test]
+    fn creates_repeated_after_an_overrun_are_verified_so_only_foreign_conflicts_fail() {
+        let dst = |k: usize| {
+            let base = u32::from(std::net::Ipv4Addr::new(10, 128, 0, 0));
+            IpNet::new(
+                std::net::Ipv4Addr::from(base + ((k as u32) << 8)).into(),
+                24,
+            )
+            .unwrap()
+        };
+        let foreign: Vec<usize> = (0..1200).step_by(3).collect();
+        let outcome = crate::socket::in_fresh_netns(|| {
+            let mut other = BatchSocket::open().unwrap();
+            let static_routes = foreign.iter().map(|k| Request {
+                message: RouteNetlinkMessage::NewRoute(route_message(
+                    &dst(*k),
+                    &RouteTarget::Blackhole,
+                    None,
+                    4,
+                )),
+                flags: NLM_F_CREATE | NLM_F_EXCL,
+            });
+            assert!(
+                other
+                    .batch(static_routes)
+                    .unwrap()
+                    .iter()
+                    .all(Option::is_none)
+            );
+
+            let mut r = Reconciler::new(Config::default()).unwrap();
+            r.resync().unwrap();
+            r.mark_complete();
+            // 400 EEXIST answers cannot fit: the socket must repeat the unanswered creates.
+            r.socket.shrink_receive_buffer(4096);
+            let mut d = DesiredState::default();
+            for k in 0..1200 {
+                let route = DesiredRoute {
+                    target: RouteTarget::Blackhole,
+                    kind: RouteKind::Blackhole,
+                };
+                d.routes.insert(dst(k), route);
+            }
+            r.set_desired(d);
+            let report = r.reconcile().unwrap();
+            let ours = dump_own_routes(&mut r.socket, 84, &r.actual).unwrap().len();
+            (report, r.socket.overruns(), ours)
+        });
+        let Some((report, overruns, ours)) = outcome else {
+            return;
+        };
+        assert!(
+            overruns > 0,
+            "the answers were meant to overflow the buffer"
+        );
+        let failed: Vec<(&str, String, i32)> = report
+            .failures
+            .iter()
+            .map(|f| (f.op, f.object.clone(), f.nack.errno))
+            .collect();
+        let want: Vec<(&str, String, i32)> = foreign
+            .iter()
+            .map(|k| ("add", format!("route {} blackhole", dst(*k)), libc::EEXIST))
+            .collect();
+        assert_eq!(
+            failed.len(),
+            want.len(),
+            "first refusals: {:?}",
+            &failed[..failed.len().min(3)]
+        );
+        assert_eq!(failed, want);
+        assert_eq!(report.writes, 800);
+        assert_eq!(ours, 800);
     }
 
     #[test]
