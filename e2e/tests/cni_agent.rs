@@ -1,0 +1,155 @@
+//! The CNI plugin against the real agent (real API server, VXLAN pool): DEL hands the host
+//! veth to the agent, which removes it after answering; the veth and the pod's /32 must still
+//! be gone promptly, and a new sandbox of the same pod must never lose its veth to that removal.
+
+#[path = "cni_support.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::PodRef;
+use tortie_e2e::cluster::{ClusterSpec, TestCluster};
+use tortie_e2e::{Netns, TopologySpec, require_root, wait_for};
+
+/// How long after DEL returns the host veth and its /32 may linger.
+const GONE_DEADLINE: Duration = Duration::from_secs(2);
+
+fn start(test: &str) -> Option<TestCluster> {
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1"]),
+        pool_yaml: Some(
+            "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: default-ipv4-ippool\n\
+             spec:\n  cidr: 10.244.0.0/16\n  vxlanMode: Always\n  natOutgoing: false\n"
+                .to_owned(),
+        ),
+        ..Default::default()
+    };
+    let c = TestCluster::start(test, spec).unwrap()?;
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    Some(c)
+}
+
+/// Calico's host veth name of pod `default/<name>` (independently of tortie).
+fn host_if_of(name: &str) -> String {
+    PodRef::in_netns_named("unused", name).host_if()
+}
+
+fn link_exists(ns: &Netns, name: &str) -> bool {
+    ns.exec(&["ip", "link", "show", "dev", name])
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The node's route to `ip`, as `ip route` prints it (empty when there is none).
+fn route_to(ns: &Netns, ip: &str) -> String {
+    ns.run(&["ip", "route", "show", "exact", &format!("{ip}/32")])
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn del_removes_the_host_veth_and_its_route_within_a_deadline() {
+    require_root();
+    let Some(c) = start("del_removes_the_host_veth_and_its_route_within_a_deadline") else {
+        return;
+    };
+    let node = &c.topo.node("a1").ns;
+    let pod = c.add_pod("a1", "gone").unwrap();
+    let host_if = host_if_of("gone");
+    let ip = pod.ip.to_string();
+    wait_for("the pod's /32 via its veth", Duration::from_secs(5), || {
+        Ok(route_to(node, &ip).contains(&host_if).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    let del_started = Instant::now();
+    c.del_pod(&pod).unwrap();
+    let del_took = del_started.elapsed();
+    wait_for(
+        "the host veth and the pod's /32 are gone",
+        GONE_DEADLINE,
+        || Ok((!link_exists(node, &host_if) && route_to(node, &ip).is_empty()).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nroute: {}\n{}", route_to(node, &ip), c.logs()));
+    eprintln!(
+        "FIGURE real agent: DEL returned after {del_took:?}; veth and /32 gone {:?} after DEL began",
+        del_started.elapsed()
+    );
+    // The pod's end went with the host end.
+    assert!(
+        !link_exists(&pod.ns, "eth0"),
+        "the pod end outlived its host end"
+    );
+    let log = c.agent("a1").log();
+    assert!(
+        !log.contains("removing the pod's host interface failed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn del_then_immediate_add_of_the_same_pod_keeps_the_new_sandboxs_veth() {
+    require_root();
+    let Some(c) = start("del_then_immediate_add_of_the_same_pod_keeps_the_new_sandboxs_veth")
+    else {
+        return;
+    };
+    let node = &c.topo.node("a1").ns;
+    let node_addr = c.topo.node("a1").addr.to_string();
+    let host_if = host_if_of("same");
+    let old = c.add_pod("a1", "same").unwrap();
+
+    // The runtime tears the old sandbox down and at once sets up a new one of the same pod.
+    c.del_pod(&old).unwrap();
+    let new_ns = Netns::create("pod-same-2").unwrap();
+    let new_id = format!("{:016x}same-2", std::process::id());
+    let result = c
+        .cni(
+            "a1",
+            "ADD",
+            &new_id,
+            &format!("/var/run/netns/{}", new_ns.name()),
+            "same",
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let new_ip = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {result}"))
+        .to_owned();
+
+    // The old sandbox's end is gone; the new one's veth is there, routed, and stays.
+    wait_for("the old sandbox's veth is gone", GONE_DEADLINE, || {
+        Ok((!link_exists(&old.ns, "eth0")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    wait_for(
+        "the new pod's /32 via its veth",
+        Duration::from_secs(5),
+        || Ok(route_to(node, &new_ip).contains(&host_if).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert!(link_exists(node, &host_if), "the new sandbox lost its veth");
+    assert!(
+        link_exists(&new_ns, "eth0"),
+        "the new sandbox lost its eth0"
+    );
+    wait_for("the new pod pings its node", Duration::from_secs(5), || {
+        Ok(new_ns.ping_once(&node_addr, 200).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    c.cni(
+        "a1",
+        "DEL",
+        &new_id,
+        &format!("/var/run/netns/{}", new_ns.name()),
+        "same",
+    )
+    .unwrap();
+    wait_for("the new sandbox's veth is gone", GONE_DEADLINE, || {
+        Ok((!link_exists(node, &host_if)).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+}
