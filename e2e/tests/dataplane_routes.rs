@@ -360,3 +360,101 @@ fn ipv6_pods_ping_directly_on_a_segment_and_over_vxlan_v6_across() {
         .unwrap();
     }
 }
+
+#[test]
+fn refused_routes_amid_unacked_batches_are_reported_by_name_and_errno_and_the_rest_installed() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use tortie_dataplane::{DesiredRoute, DesiredState, Reconciler, RouteTarget};
+
+    require_root();
+    let ns = tortie_e2e::Netns::create("dp-attrib").unwrap();
+    ns.sh("ip link add veth0 type veth peer name veth1 && ip link set veth0 up && ip link set veth1 up && ip addr add 10.0.0.1/24 dev veth0")
+        .unwrap();
+    // 5000 routes span three sends of at most 2048 (each asking for one ACK, from its last
+    // request); refusals at the start, in the middle, on both sides of a send boundary and last.
+    const ROUTES: usize = 5000;
+    let dst = |k: usize| format!("10.{}.{}.0/24", 128 + k / 256, k % 256);
+    let foreign: BTreeSet<usize> = [0, 1500, 2048, 4999].into();
+    let unreachable: BTreeSet<usize> = [17, 2047, 3001].into();
+    for k in &foreign {
+        ns.sh(&format!(
+            "ip route add {} via 10.0.0.9 dev veth0 proto static",
+            dst(*k)
+        ))
+        .unwrap();
+    }
+    let foreign_before = ns.run(&["ip", "route", "show", "proto", "static"]).unwrap();
+    let target = |k: usize| RouteTarget::Gateway {
+        // Outside veth0's subnet without onlink: the kernel refuses it (ENETUNREACH).
+        via: if unreachable.contains(&k) {
+            "192.0.2.1".parse().unwrap()
+        } else {
+            "10.0.0.2".parse().unwrap()
+        },
+        ifname: Arc::from("veth0"),
+        onlink: false,
+    };
+    let mut desired = DesiredState::default();
+    for k in 0..ROUTES {
+        let route = DesiredRoute {
+            target: target(k),
+            kind: RouteKind::Direct,
+        };
+        desired.routes.insert(dst(k).parse().unwrap(), route);
+    }
+
+    let (report, counters) = ns
+        .enter(|| {
+            let mut r = Reconciler::new(Config::default()).unwrap();
+            r.resync().unwrap();
+            r.mark_complete();
+            r.set_desired(desired);
+            let report = r.reconcile().unwrap();
+            (report, r.counters().clone())
+        })
+        .unwrap();
+
+    let refused: BTreeSet<(&str, String, i32)> = report
+        .failures
+        .iter()
+        .map(|f| (f.op, f.object.clone(), f.nack.errno))
+        .collect();
+    let mut want = BTreeSet::new();
+    for k in &foreign {
+        let object = format!("route {} via 10.0.0.2 dev veth0", dst(*k));
+        want.insert(("add", object, libc::EEXIST));
+    }
+    for k in &unreachable {
+        let object = format!("route {} via 192.0.2.1 dev veth0", dst(*k));
+        want.insert(("add", object, libc::ENETUNREACH));
+    }
+    assert_eq!(refused, want);
+    assert_eq!(report.failures.len(), want.len(), "a route reported twice");
+    let wrong = foreign.len() + unreachable.len();
+    assert_eq!(report.writes, ROUTES - wrong);
+    assert_eq!(
+        counters.failures_by_errno[&libc::EEXIST],
+        foreign.len() as u64
+    );
+    assert_eq!(
+        counters.failures_by_errno[&libc::ENETUNREACH],
+        unreachable.len() as u64
+    );
+
+    // In the kernel: every other route, as tortie's, and the foreign ones untouched.
+    let installed: BTreeSet<String> = ns
+        .run(&["ip", "route", "show", "proto", &PROTO.to_string()])
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (0..ROUTES)
+        .filter(|k| !foreign.contains(k) && !unreachable.contains(k))
+        .map(dst)
+        .collect();
+    assert_eq!(installed.len(), expected.len());
+    assert_eq!(installed, expected);
+    let foreign_after = ns.run(&["ip", "route", "show", "proto", "static"]).unwrap();
+    assert_eq!(foreign_before, foreign_after, "foreign routes changed");
+}
