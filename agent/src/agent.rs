@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tortie_dataplane as dp;
 use tortie_ipam::{
-    AutoAssignRequest, IpPool, Ipam, IpamBlock, pod_handle_id, validate_pools, workload_attributes,
+    AutoAssignRequest, BlockAffinity, IpPool, Ipam, IpamBlock, IpamConfig, pod_handle_id,
+    validate_pools, workload_attributes,
 };
 use tracing::{error, info, warn};
 
@@ -45,6 +46,10 @@ struct Caches {
     blocks: Cache<IpamBlock>,
     bgp_configs: Cache<BgpConfigurationSpec>,
     bgp_peers: Cache<BgpPeerSpec>,
+    /// Read by IPAM only (see `ipam_store`): no part of the desired state, so their changes
+    /// neither gate nor trigger a recompute.
+    ipam_configs: Cache<IpamConfig>,
+    affinities: Cache<BlockAffinity>,
 }
 
 /// A Calico object as its typed form (the whole object, with metadata).
@@ -89,7 +94,23 @@ impl Caches {
                 decode_spec::<BgpConfigurationSpec>,
             ),
             bgp_peers: spawn_cache("BGPPeer", api("BGPPeer"), decode_spec::<BgpPeerSpec>),
+            ipam_configs: spawn_cache("IPAMConfig", api("IPAMConfig"), decode_object::<IpamConfig>),
+            affinities: spawn_cache(
+                "BlockAffinity",
+                api("BlockAffinity"),
+                decode_object::<BlockAffinity>,
+            ),
         }
+    }
+
+    /// An IPAM store that reads pools, blocks, affinities and the IPAM config from these caches
+    /// once they have listed (and from the API server until then).
+    fn ipam_store(&self, client: &Client) -> KubeIpamStore {
+        KubeIpamStore::new(client.clone())
+            .with_cache(self.pools.clone())
+            .with_cache(self.blocks.clone())
+            .with_cache(self.affinities.clone())
+            .with_cache(self.ipam_configs.clone())
     }
 
     fn synced(&self) -> bool {
@@ -139,7 +160,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     let node = bootstrap::bootstrap(&client, &cfg).await?;
-    let ipam = Arc::new(Ipam::new(KubeIpamStore::new(client.clone())));
+    let mut caches = Caches::start(&client);
+    let ipam = Arc::new(Ipam::new(caches.ipam_store(&client)));
     bootstrap::ensure_default_pools(ipam.store(), &cfg).await?;
 
     let dp_config = dp::Config {
@@ -176,7 +198,6 @@ pub async fn run(cfg: Config) -> Result<()> {
             grace: Duration::from_secs(cfg.gc_grace_secs),
         },
     ));
-    let mut caches = Caches::start(&client);
     let workloads = load_workloads(&workloads_path(&cfg));
     info!(node = %node.name, workloads = workloads.len(), "agent started");
     let mut agent = Agent {

@@ -99,18 +99,47 @@ fn main() {
     let writes_before = api_writes(&c);
     let requests_before = api_requests(&c);
     let mut samples = Vec::with_capacity(PODS);
+    // (wall-clock start, assign ms, release ms) per pod, to match the slowest against the
+    // agent's log (TORTIE_AGENT_LOG=tortie=debug prints each API call's latency).
+    let mut per_pod = Vec::with_capacity(PODS);
     for i in 0..PODS {
         let id = format!("bench-{i}");
+        let wall = std::time::SystemTime::now();
         let t = Instant::now();
         call(
             &socket,
             &serde_json::json!({"op":"assign","container_id":id,"namespace":"default","pod":id,"ipv4":true,"ipv6":false}),
         );
+        let assigned = t.elapsed().as_secs_f64() * 1000.0;
         call(
             &socket,
             &serde_json::json!({"op":"release","container_id":id}),
         );
-        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+        let total = t.elapsed().as_secs_f64() * 1000.0;
+        samples.push(total);
+        per_pod.push((wall, assigned, total - assigned));
+    }
+    let mut assign_ms: Vec<f64> = per_pod.iter().map(|p| p.1).collect();
+    let mut release_ms: Vec<f64> = per_pod.iter().map(|p| p.2).collect();
+    assign_ms.sort_by(f64::total_cmp);
+    release_ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "assign p50 {:.2} ms p99 {:.2} ms; release p50 {:.2} ms p99 {:.2} ms",
+        percentile(&assign_ms, 50.0),
+        percentile(&assign_ms, 99.0),
+        percentile(&release_ms, 50.0),
+        percentile(&release_ms, 99.0)
+    );
+    per_pod.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+    for (wall, a, r) in per_pod.iter().take(5) {
+        let since_epoch = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!(
+            "slow pod: started {}.{:06} s since the epoch, assign {a:.2} ms, release {r:.2} ms",
+            since_epoch.as_secs(),
+            since_epoch.subsec_micros()
+        );
     }
     let writes = (api_writes(&c) - writes_before) / PODS as f64;
     for (k, v) in api_requests(&c) {
