@@ -540,7 +540,17 @@ impl Agent {
         let (peers, peer_errors) = view.desired_peers();
         errors.extend(peer_errors);
         self.routing
-            .apply(&view, peers, view.advertised_prefixes())
+            .apply(
+                &view,
+                peers,
+                view.advertised_prefixes_with(
+                    &self
+                        .workloads
+                        .values()
+                        .flat_map(|w| w.ips.iter().copied())
+                        .collect::<Vec<_>>(),
+                ),
+            )
             .await;
         let learned: Vec<LearnedRoute> = self.routing.learned();
         let workloads: Vec<dp::Workload> = self

@@ -275,10 +275,6 @@ impl ClusterView {
     }
 
     /// The prefixes this node originates: its confirmed blocks in pools that allow BGP export.
-    pub fn advertised_prefixes(&self) -> Vec<IpNet> {
-        self.advertised_prefixes_with(&[])
-    }
-
     /// Our blocks, plus a host route for each local pod whose address was borrowed from
     /// another node's block (strictAffinity off, our blocks full): the more specific route
     /// draws its traffic here, also on the block's owner, as Calico does.
@@ -750,7 +746,7 @@ mod tests {
     #[test]
     fn advertised_prefixes_are_my_blocks_unless_the_pool_disables_export() {
         let mut v = view();
-        assert_eq!(v.advertised_prefixes().len(), 1);
+        assert_eq!(v.advertised_prefixes_with(&[]).len(), 1);
         let pool = IpPool::new(
             "p",
             IpPoolSpec {
@@ -760,6 +756,6 @@ mod tests {
             },
         );
         v.pools = validate_pools(&[pool]);
-        assert!(v.advertised_prefixes().is_empty());
+        assert!(v.advertised_prefixes_with(&[]).is_empty());
     }
 }
