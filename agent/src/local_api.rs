@@ -140,26 +140,46 @@ async fn handle(stream: UnixStream, calls: mpsc::Sender<Call>) -> Result<()> {
 
 /// Client side (CNI plugin, `tortie status`): one request, one reply, bounded in time.
 pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<Reply> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
-        format!(
-            "cannot reach the tortie agent at {} (is the tortie-node pod running on this node?)",
-            path.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reply = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut reply)
-        .context("reading the agent's reply")?;
-    if reply.is_empty() {
-        bail!("the tortie agent closed the connection without replying");
+    Connection::open(path)?.call(req, timeout)
+}
+
+/// Client side, several requests on one connection (the plugin's ADD sends two or three;
+/// each connection costs the agent an accept and a task). After an error, open a new one.
+pub struct Connection {
+    stream: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Connection {
+    pub fn open(path: &Path) -> Result<Connection> {
+        let stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+            format!(
+                "cannot reach the tortie agent at {} (is the tortie-node pod running on this node?)",
+                path.display()
+            )
+        })?;
+        Ok(Connection {
+            stream: std::io::BufReader::new(stream),
+        })
     }
-    Ok(serde_json::from_str(&reply)?)
+
+    /// One request, one reply, bounded in time.
+    pub fn call(&mut self, req: &Request, timeout: Duration) -> Result<Reply> {
+        use std::io::{BufRead, Write};
+        let stream = self.stream.get_mut();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        stream.write_all(&line)?;
+        let mut reply = String::new();
+        self.stream
+            .read_line(&mut reply)
+            .context("reading the agent's reply")?;
+        if reply.is_empty() {
+            bail!("the tortie agent closed the connection without replying");
+        }
+        Ok(serde_json::from_str(&reply)?)
+    }
 }
 
 #[cfg(test)]

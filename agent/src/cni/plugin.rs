@@ -2,6 +2,7 @@
 //! `/opt/cni/bin/tortie` with CNI_* in the environment and the network config on stdin; the
 //! plugin asks the local agent for addresses and wires the pod with `workload_iface`.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::IpAddr;
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use tortie_dataplane::workload_iface::{
     self, IPV4_GATEWAY, IPV6_GATEWAY, Place, WorkloadIfaceError, WorkloadIfaceSpec,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::spec::{
     CniError, CniResult, Command, ErrorCode, FALLBACK_VERSION, Interface, Invocation, IpConfig,
@@ -170,14 +171,29 @@ fn socket_for(conf: &NetConf, env: &BTreeMap<String, String>) -> PathBuf {
     local_api::socket_path(Path::new(&dir))
 }
 
-/// The agent, as the plugin talks to it: each call maps failures onto CNI error codes.
+/// The agent, as the plugin talks to it: each call maps failures onto CNI error codes. One
+/// connection serves every call of the invocation; a failed call drops it.
 struct AgentClient {
     socket: PathBuf,
+    connection: RefCell<Option<local_api::Connection>>,
 }
 
 impl AgentClient {
     fn new(socket: PathBuf) -> AgentClient {
-        AgentClient { socket }
+        AgentClient {
+            socket,
+            connection: RefCell::new(None),
+        }
+    }
+
+    fn send(&self, req: &Request, timeout: Duration) -> anyhow::Result<Reply> {
+        let mut connection = match self.connection.take() {
+            Some(c) => c,
+            None => local_api::Connection::open(&self.socket)?,
+        };
+        let reply = connection.call(req, timeout)?;
+        self.connection.replace(Some(connection));
+        Ok(reply)
     }
 
     /// One request; an agent that answers `ok: false` is an error.
@@ -191,7 +207,7 @@ impl AgentClient {
 
     /// One request; any reply the agent sends, refusals included, is returned.
     fn exchange(&self, what: &str, req: &Request, timeout: Duration) -> Result<Reply, CniError> {
-        local_api::call(&self.socket, req, timeout).map_err(|e| {
+        self.send(req, timeout).map_err(|e| {
             // An I/O failure (no socket, refused, timed out) is transient; anything else is a
             // reply this plugin cannot read.
             if e.root_cause().downcast_ref::<std::io::Error>().is_none() {
@@ -262,6 +278,10 @@ fn refused(what: &str, reply: &Reply) -> CniError {
     )
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn iface_error(what: &str, e: &WorkloadIfaceError) -> CniError {
     let code = match e {
         WorkloadIfaceError::NetnsMissing { .. } => ErrorCode::ContainerUnknown,
@@ -293,6 +313,7 @@ fn add(inv: &Invocation, conf: &NetConf, agent: &AgentClient) -> Result<Value, C
         ));
     }
     let host_if = host_if_of(inv);
+    let started = Instant::now();
     let reply = agent.call(
         "assigning the pod's addresses",
         &Request::Assign {
@@ -318,6 +339,7 @@ fn add(inv: &Invocation, conf: &NetConf, agent: &AgentClient) -> Result<Value, C
         }
         cause
     };
+    let assigned = started.elapsed();
     let ips = wanted_ips(&reply.ips, conf).map_err(&undo)?;
     let mtu = reply.mtu.or(conf.mtu).unwrap_or(DEFAULT_MTU);
 
@@ -333,6 +355,7 @@ fn add(inv: &Invocation, conf: &NetConf, agent: &AgentClient) -> Result<Value, C
     };
     let iface = workload_iface::create(&spec)
         .map_err(|e| undo(iface_error("wiring the pod's interface", &e)))?;
+    let wired = started.elapsed();
     agent
         .call(
             "reporting the pod's interface",
@@ -345,6 +368,13 @@ fn add(inv: &Invocation, conf: &NetConf, agent: &AgentClient) -> Result<Value, C
         )
         .map_err(&undo)?;
 
+    debug!(
+        host_if,
+        assign_ms = ms(assigned),
+        wire_ms = ms(wired - assigned),
+        workload_up_ms = ms(started.elapsed() - wired),
+        "ADD phases"
+    );
     let result = CniResult {
         interfaces: vec![
             Interface {
