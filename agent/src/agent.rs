@@ -160,9 +160,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     let node = bootstrap::bootstrap(&client, &cfg).await?;
-    let mut caches = Caches::start(&client);
-    let ipam = Arc::new(Ipam::new(caches.ipam_store(&client)));
-    bootstrap::ensure_default_pools(ipam.store(), &cfg).await?;
+    // The caches start later (keeping the startup order of the API calls); read pools directly.
+    bootstrap::ensure_default_pools(&KubeIpamStore::new(client.clone()), &cfg).await?;
 
     let dp_config = dp::Config {
         route_protocol: cfg.route_protocol,
@@ -189,6 +188,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         metrics_text.clone(),
     )?;
 
+    let mut caches = Caches::start(&client);
+    let ipam = Arc::new(Ipam::new(caches.ipam_store(&client)));
     tokio::spawn(crate::gc::run(
         client.clone(),
         ipam.clone(),
