@@ -1,6 +1,7 @@
 //! The CNI plugin against the real agent (real API server, VXLAN pool): DEL hands the host
 //! veth to the agent, which removes it after answering; the veth and the pod's /32 must still
-//! be gone promptly, and a new sandbox of the same pod must never lose its veth to that removal.
+//! be gone promptly, and a new sandbox of the same pod must never lose its veth to that removal
+//! or to a late DEL of an older sandbox.
 
 #[path = "cni_support.rs"]
 mod support;
@@ -149,6 +150,48 @@ fn del_then_immediate_add_of_the_same_pod_keeps_the_new_sandboxs_veth() {
     )
     .unwrap();
     wait_for("the new sandbox's veth is gone", GONE_DEADLINE, || {
+        Ok((!link_exists(node, &host_if)).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+}
+
+#[test]
+fn late_del_of_an_older_sandbox_keeps_the_newer_sandboxs_veth() {
+    require_root();
+    let Some(c) = start("late_del_of_an_older_sandbox_keeps_the_newer_sandboxs_veth") else {
+        return;
+    };
+    let node = &c.topo.node("a1").ns;
+    let node_addr = c.topo.node("a1").addr.to_string();
+    let host_if = host_if_of("late");
+    // The runtime sets up a new sandbox of the pod before tearing the old one down.
+    let old = c.add_pod("a1", "late").unwrap();
+    let new_ns = Netns::create("pod-late-2").unwrap();
+    let new_id = format!("{:016x}late-2", std::process::id());
+    let new_netns = format!("/var/run/netns/{}", new_ns.name());
+    c.cni("a1", "ADD", &new_id, &new_netns, "late")
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    c.del_pod(&old).unwrap();
+    wait_for(
+        "the agent kept the newer sandbox's veth",
+        GONE_DEADLINE,
+        || {
+            Ok(c.agent("a1")
+                .log()
+                .contains("host interface belongs to a newer sandbox; kept")
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    assert!(link_exists(node, &host_if), "the late DEL took the veth");
+    wait_for("the new pod pings its node", Duration::from_secs(5), || {
+        Ok(new_ns.ping_once(&node_addr, 200).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    c.cni("a1", "DEL", &new_id, &new_netns, "late").unwrap();
+    wait_for("the veth is gone after its own DEL", GONE_DEADLINE, || {
         Ok((!link_exists(node, &host_if)).then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
