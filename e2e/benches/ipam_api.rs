@@ -49,6 +49,25 @@ fn api_writes(c: &TestCluster) -> f64 {
         .sum()
 }
 
+/// Seconds the API server spent serving Calico's kinds, and how many requests: its own
+/// `apiserver_request_duration_seconds` sum and count (watches excluded).
+fn api_server_time(c: &TestCluster) -> (f64, f64) {
+    let m = c.kubectl(&["get", "--raw", "/metrics"]).unwrap();
+    let total = |metric: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(metric))
+            .filter(|l| {
+                l.contains("group=\"crd.projectcalico.org\"") && !l.contains("verb=\"WATCH\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        total("apiserver_request_duration_seconds_sum{"),
+        total("apiserver_request_duration_seconds_count{"),
+    )
+}
+
 /// Requests per verb+resource for Calico's kinds, for the breakdown printed with the figures.
 fn api_requests(c: &TestCluster) -> std::collections::BTreeMap<String, f64> {
     let m = c.kubectl(&["get", "--raw", "/metrics"]).unwrap();
@@ -98,6 +117,7 @@ fn main() {
     call(&socket, &warm);
     let writes_before = api_writes(&c);
     let requests_before = api_requests(&c);
+    let server_before = api_server_time(&c);
     let mut samples = Vec::with_capacity(PODS);
     // (wall-clock start, assign ms, release ms) per pod, to match the slowest against the
     // agent's log (TORTIE_AGENT_LOG=tortie=debug prints each API call's latency).
@@ -142,6 +162,18 @@ fn main() {
         );
     }
     let writes = (api_writes(&c) - writes_before) / PODS as f64;
+    let server_after = api_server_time(&c);
+    let server_secs = server_after.0 - server_before.0;
+    let server_requests = server_after.1 - server_before.1;
+    // How much of a pod's time is the API server's own handling (the rest: network, the agent,
+    // the socket round trips).
+    eprintln!(
+        "API server time per pod: {:.2} ms of {:.2} ms (mean), over {:.1} requests ({:.2} ms each)",
+        server_secs * 1000.0 / PODS as f64,
+        samples.iter().sum::<f64>() / PODS as f64,
+        server_requests / PODS as f64,
+        server_secs * 1000.0 / server_requests.max(1.0)
+    );
     for (k, v) in api_requests(&c) {
         let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
         if d > 0.0 {
