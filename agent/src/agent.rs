@@ -197,6 +197,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             identity: node.name.clone(),
             interval: Duration::from_secs(cfg.gc_interval_secs),
             grace: Duration::from_secs(cfg.gc_grace_secs),
+            lease_seconds: i32::try_from(cfg.gc_lease_secs).unwrap_or(30),
         },
     ));
     let workloads = load_workloads(&workloads_path(&cfg));

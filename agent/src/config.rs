@@ -48,6 +48,7 @@ pub struct Config {
     /// IPAM garbage collection: pass interval and how long an allocation must look leaked.
     pub gc_interval_secs: u64,
     pub gc_grace_secs: u64,
+    pub gc_lease_secs: u64,
 }
 
 /// Reads the config from `env` (a map so tests need not touch the process environment).
@@ -177,6 +178,7 @@ pub fn from_env(env: &BTreeMap<String, String>) -> Result<Config> {
         gc_interval_secs: secs("TORTIE_IPAM_GC_INTERVAL_SECS", 30)?.max(1),
         // calico-kube-controllers' default leak grace period: 15 minutes.
         gc_grace_secs: secs("TORTIE_IPAM_GC_GRACE_SECS", 900)?,
+        gc_lease_secs: secs("TORTIE_IPAM_GC_LEASE_SECS", 30)?.clamp(1, 3600),
     })
 }
 

@@ -17,7 +17,6 @@ use crate::datastore::ipam_store::KubeIpamStore;
 
 pub const LEASE_NAME: &str = "tortie-ipam-gc";
 const LEASE_NAMESPACE: &str = "kube-system";
-const LEASE_SECONDS: i32 = 30;
 
 /// Settings for the collector task.
 #[derive(Debug, Clone)]
@@ -25,6 +24,9 @@ pub struct GcConfig {
     pub identity: String,
     pub interval: Duration,
     pub grace: Duration,
+    /// How long the lease stays ours without renewal: after a holder dies, another agent
+    /// takes over within this time (renewals happen every `interval`).
+    pub lease_seconds: i32,
 }
 
 /// Runs forever: renew or take the lease; while holding it, run a collection pass per interval.
@@ -34,7 +36,7 @@ pub async fn run(client: Client, ipam: Arc<Ipam<KubeIpamStore>>, cfg: GcConfig) 
     let mut tick = tokio::time::interval(cfg.interval);
     loop {
         tick.tick().await;
-        match try_hold_lease(&client, &cfg.identity).await {
+        match try_hold_lease(&client, &cfg.identity, cfg.lease_seconds).await {
             Ok(now_leading) => {
                 if now_leading != leading {
                     info!(
@@ -103,7 +105,7 @@ async fn live_state(client: &Client) -> Result<LiveState> {
 }
 
 /// Takes the lease if free or expired, renews it if ours; CAS through resourceVersion.
-async fn try_hold_lease(client: &Client, identity: &str) -> Result<bool> {
+async fn try_hold_lease(client: &Client, identity: &str, lease_seconds: i32) -> Result<bool> {
     let api: Api<Lease> = Api::namespaced(client.clone(), LEASE_NAMESPACE);
     let now = k8s_openapi::jiff::Timestamp::now();
     match api.get_opt(LEASE_NAME).await? {
@@ -115,7 +117,7 @@ async fn try_hold_lease(client: &Client, identity: &str) -> Result<bool> {
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(identity.into()),
-                    lease_duration_seconds: Some(LEASE_SECONDS),
+                    lease_duration_seconds: Some(lease_seconds),
                     acquire_time: Some(MicroTime(now)),
                     renew_time: Some(MicroTime(now)),
                     ..LeaseSpec::default()
@@ -130,7 +132,7 @@ async fn try_hold_lease(client: &Client, identity: &str) -> Result<bool> {
         Some(mut lease) => {
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
             let holder = spec.holder_identity.clone().unwrap_or_default();
-            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS));
+            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(lease_seconds));
             let expired = spec
                 .renew_time
                 .as_ref()
@@ -143,7 +145,7 @@ async fn try_hold_lease(client: &Client, identity: &str) -> Result<bool> {
                 spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
             }
             spec.holder_identity = Some(identity.into());
-            spec.lease_duration_seconds = Some(LEASE_SECONDS);
+            spec.lease_duration_seconds = Some(lease_seconds);
             spec.renew_time = Some(MicroTime(now));
             match api
                 .replace(LEASE_NAME, &PostParams::default(), &lease)

@@ -16,7 +16,13 @@ fn deleted_node_loses_peers_routes_and_ipam() {
              vxlanMode: Always\n"
                 .to_owned(),
         ),
-        agent_env: [("TORTIE_IPAM_GC_INTERVAL_SECS", "1"), ("TORTIE_IPAM_GC_GRACE_SECS", "1")]
+        // A short lease: the killed node may hold the collector's lease, and another agent must
+        // take over well within the IPAM check's deadline.
+        agent_env: [
+            ("TORTIE_IPAM_GC_INTERVAL_SECS", "1"),
+            ("TORTIE_IPAM_GC_GRACE_SECS", "1"),
+            ("TORTIE_IPAM_GC_LEASE_SECS", "3"),
+        ]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
