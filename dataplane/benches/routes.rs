@@ -1,9 +1,12 @@
 //! Route reconciler benchmark: install, re-point and delete 100k remote-block routes through
 //! tortie's batched netlink socket, against `ip -batch` doing the same in the same run; plus
-//! the CPU cost of a no-op reconcile of 100k routes.
+//! the CPU cost of a no-op reconcile of 100k routes; and BIRD learning the same 100k over BGP
+//! and installing them (from Established to all in the kernel, and from withdrawal to none).
 //!
 //! Needs root: it creates its own network namespace (`tortie-bench-<pid>`) with a veth pair,
-//! works only inside it and deletes it at the end.
+//! plus two for BIRD (`tortie-bench-<pid>-bird-feed`/`-recv`, joined by a veth in
+//! 172.31.254.0/30), works only inside them and deletes them at the end. Without `bird` the
+//! BIRD lines are skipped with a message.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -287,6 +290,9 @@ fn main() {
     let resync_cpu = best.resync.cpu;
     let listing_cpu = best.listing.cpu;
     let (ip_add, ip_replace, ip_del) = (best.ip_add.wall, best.ip_replace.wall, best.ip_del.wall);
+    // Once, after the rounds: BIRD's run is seconds long and its own figure varies far more
+    // than the rounds would smooth out.
+    let bird = bird_reference();
 
     eprintln!(
         "100k routes: install {install:?} ({install_cpu:?} CPU, of which user {:?}), replace {replace:?}, delete {delete:?}, no-op {noop:?} wall; \
@@ -316,6 +322,22 @@ fn main() {
         rate(ROUTES, delete),
         rate(ROUTES, ip_del)
     );
+    if let Some(bird) = &bird {
+        eprintln!(
+            "BIRD over eBGP: Established to {ROUTES} routes in the kernel {:?}, static disabled to 0 routes {:?}",
+            bird.install, bird.delete
+        );
+        println!(
+            "BENCH name=dataplane_install_100k_vs_bird unit=routes_per_s tortie={} ref=bird:{} better=higher",
+            rate(ROUTES, install),
+            rate(ROUTES, bird.install)
+        );
+        println!(
+            "BENCH name=dataplane_delete_100k_vs_bird unit=routes_per_s tortie={} ref=bird:{} better=higher",
+            rate(ROUTES, delete),
+            rate(ROUTES, bird.delete)
+        );
+    }
     println!(
         "BENCH name=dataplane_noop_reconcile_100k unit=cpu_ms tortie={:.1} ref=ip_route_show:{:.1} better=lower",
         noop_cpu.as_secs_f64() * 1000.0,
@@ -326,4 +348,293 @@ fn main() {
         resync_cpu.as_secs_f64() * 1000.0,
         listing_cpu.as_secs_f64() * 1000.0
     );
+}
+
+/// BIRD's route protocol number in the kernel (`proto bird`).
+const BIRD_KERNEL_PROTO: &str = "12";
+/// How long BIRD gets for each step before the reference is given up.
+const BIRD_DEADLINE: Duration = Duration::from_secs(30);
+const FEEDER_ADDR: &str = "172.31.254.1";
+const RECEIVER_ADDR: &str = "172.31.254.2";
+
+/// The BIRD reference: a feeder BIRD originating the same 100k blocks as static blackholes and
+/// a receiver BIRD learning them over eBGP and installing them in its namespace's kernel.
+/// Its namespaces, BIRD processes and files are removed on drop, even after a panic.
+struct BirdReference {
+    feeder_ns: String,
+    receiver_ns: String,
+    namespaces: Vec<String>,
+    birds: Vec<std::process::Child>,
+    files: Vec<std::path::PathBuf>,
+}
+
+/// Wall time BIRD took to put the routes into the receiver's kernel and to take them out.
+struct BirdTimes {
+    install: Duration,
+    delete: Duration,
+}
+
+impl BirdReference {
+    fn new() -> BirdReference {
+        let base = format!("tortie-bench-{}-bird", std::process::id());
+        BirdReference {
+            feeder_ns: format!("{base}-feed"),
+            receiver_ns: format!("{base}-recv"),
+            namespaces: Vec::new(),
+            birds: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+
+    fn file(&mut self, suffix: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("tortie-bench-{}-bird-{suffix}", std::process::id()));
+        self.files.push(path.clone());
+        path
+    }
+
+    fn try_run(argv: &[&str]) -> Result<String, String> {
+        let out = Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("{argv:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{argv:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn create_namespaces(&mut self) -> Result<(), String> {
+        for name in [self.feeder_ns.clone(), self.receiver_ns.clone()] {
+            Self::try_run(&["ip", "netns", "add", &name])?;
+            self.namespaces.push(name.clone());
+            Self::try_run(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        }
+        let (feed, recv) = (self.feeder_ns.as_str(), self.receiver_ns.as_str());
+        Self::try_run(&[
+            "ip", "-n", feed, "link", "add", "bird0", "type", "veth", "peer", "name", "bird1",
+            "netns", recv,
+        ])?;
+        Self::try_run(&[
+            "ip",
+            "-n",
+            feed,
+            "addr",
+            "add",
+            &format!("{FEEDER_ADDR}/30"),
+            "dev",
+            "bird0",
+        ])?;
+        Self::try_run(&[
+            "ip",
+            "-n",
+            recv,
+            "addr",
+            "add",
+            &format!("{RECEIVER_ADDR}/30"),
+            "dev",
+            "bird1",
+        ])?;
+        Self::try_run(&["ip", "-n", feed, "link", "set", "bird0", "up"])?;
+        Self::try_run(&["ip", "-n", recv, "link", "set", "bird1", "up"])?;
+        Ok(())
+    }
+
+    /// Starts `bird -f` in `ns` with `config`; returns its control socket once it answers.
+    fn start_bird(&mut self, ns: &str, role: &str, config: &str) -> Result<String, String> {
+        let conf = self.file(&format!("{role}.conf"));
+        let socket = self.file(&format!("{role}.ctl"));
+        let pid_file = self.file(&format!("{role}.pid"));
+        let log = self.file(&format!("{role}.log"));
+        std::fs::write(&conf, config).map_err(|e| format!("{}: {e}", conf.display()))?;
+        let log_file = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        // `ip netns exec` execs bird, so the child's pid is BIRD's own.
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "bird", "-f", "-c"])
+            .arg(path(&conf))
+            .arg("-s")
+            .arg(path(&socket))
+            .arg("-P")
+            .arg(path(&pid_file))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("spawning bird: {e}"))?;
+        self.birds.push(child);
+        let socket = path(&socket);
+        let deadline = Instant::now() + BIRD_DEADLINE;
+        loop {
+            if let Ok(out) = Self::try_run(&["birdc", "-s", &socket, "show", "status"])
+                && out.contains("Daemon is up")
+            {
+                return Ok(socket);
+            }
+            let exited = self
+                .birds
+                .last_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("{role} bird did not come up: {tail}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kernel_routes(&self) -> Result<usize, String> {
+        let out = Self::try_run(&[
+            "ip",
+            "-n",
+            &self.receiver_ns,
+            "-4",
+            "route",
+            "show",
+            "proto",
+            BIRD_KERNEL_PROTO,
+        ])?;
+        Ok(out.lines().count())
+    }
+
+    /// Polls the receiver's kernel until it holds `want` BIRD routes; returns when it did.
+    fn wait_for_kernel_routes(&self, want: usize) -> Result<Instant, String> {
+        let deadline = Instant::now() + BIRD_DEADLINE;
+        loop {
+            let have = self.kernel_routes()?;
+            if have == want {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "receiver kernel has {have} BIRD routes, want {want}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn measure(&mut self) -> Result<BirdTimes, String> {
+        self.create_namespaces()?;
+        let mut feeder = format!(
+            "router id {FEEDER_ADDR};\nprotocol device {{ }}\nprotocol static blocks {{\n  ipv4;\n"
+        );
+        for k in 0..ROUTES {
+            writeln!(feeder, "  route {}/27 blackhole;", block(k)).expect("write to string");
+        }
+        feeder.push_str(&format!(
+            "}}\nprotocol bgp receiver {{\n  local {FEEDER_ADDR} as 65001;\n  neighbor {RECEIVER_ADDR} as 65002;\n  \
+             connect delay time 1; connect retry time 1;\n  ipv4 {{ import none; export all; next hop self; }};\n}}\n"
+        ));
+        let receiver = format!(
+            "router id {RECEIVER_ADDR};\nprotocol device {{ }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths off; }}\n\
+             protocol bgp feeder {{\n  local {RECEIVER_ADDR} as 65002;\n  neighbor {FEEDER_ADDR} as 65001;\n  \
+             connect delay time 1; connect retry time 1;\n  ipv4 {{ import all; export none; }};\n}}\n"
+        );
+        let (feed_ns, recv_ns) = (self.feeder_ns.clone(), self.receiver_ns.clone());
+        let feeder_socket = self.start_bird(&feed_ns, "feed", &feeder)?;
+        // The feeder holds all 100k routes before the receiver exists, so the receiver's
+        // clock starts at Established with everything ready to send.
+        let deadline = Instant::now() + BIRD_DEADLINE;
+        loop {
+            let out = Self::try_run(&["birdc", "-s", &feeder_socket, "show", "route", "count"])?;
+            if out.contains(&format!("{ROUTES} of {ROUTES} routes")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("feeder never held {ROUTES} routes: {out}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let receiver_socket = self.start_bird(&recv_ns, "recv", &receiver)?;
+        let deadline = Instant::now() + BIRD_DEADLINE;
+        let established = loop {
+            let out = Self::try_run(&["birdc", "-s", &receiver_socket, "show", "protocols"])?;
+            if out
+                .lines()
+                .any(|l| l.starts_with("feeder") && l.contains("Established"))
+            {
+                break Instant::now();
+            }
+            if Instant::now() > deadline {
+                return Err(format!("receiver session never Established: {out}"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let installed = self.wait_for_kernel_routes(ROUTES as usize)?;
+        // The routes must be the BGP-learned ones towards the feeder, not something else.
+        let first = format!("{}/27", block(0));
+        let sample = Self::try_run(&[
+            "ip",
+            "-n",
+            &self.receiver_ns,
+            "-4",
+            "route",
+            "show",
+            &first,
+            "proto",
+            BIRD_KERNEL_PROTO,
+        ])?;
+        if !sample.contains(&format!("via {FEEDER_ADDR} dev bird1")) {
+            return Err(format!(
+                "unexpected route in the receiver's kernel: {sample}"
+            ));
+        }
+        let disabled = Instant::now();
+        Self::try_run(&["birdc", "-s", &feeder_socket, "disable", "blocks"])?;
+        let removed = self.wait_for_kernel_routes(0)?;
+        Ok(BirdTimes {
+            install: installed - established,
+            delete: removed - disabled,
+        })
+    }
+}
+
+impl Drop for BirdReference {
+    fn drop(&mut self) {
+        for bird in &mut self.birds {
+            // SAFETY: kill with a pid of our own still-unwaited child and a valid signal.
+            unsafe { libc::kill(bird.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for bird in &mut self.birds {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(bird.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if matches!(bird.try_wait(), Ok(None)) {
+                let _ = bird.kill();
+                let _ = bird.wait();
+            }
+        }
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// Runs the BIRD reference once; `None` (with the reason on stderr) when BIRD is missing or fails.
+fn bird_reference() -> Option<BirdTimes> {
+    let installed = ["bird", "birdc"]
+        .iter()
+        .all(|bin| Command::new(bin).arg("--version").output().is_ok());
+    if !installed {
+        println!("SKIP: BIRD reference skipped: `bird`/`birdc` not installed");
+        return None;
+    }
+    let mut reference = BirdReference::new();
+    match reference.measure() {
+        Ok(times) => Some(times),
+        Err(reason) => {
+            println!("SKIP: BIRD reference skipped: {reason}");
+            None
+        }
+    }
 }
