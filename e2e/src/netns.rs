@@ -138,6 +138,20 @@ fn kill_pids_in(name: &str) {
     }
 }
 
+/// `(transmitted, received)` from ping's summary line
+/// ("49 packets transmitted, 45 received, 8.2% packet loss, time 778ms"); `None` without one.
+pub fn ping_counts(output: &str) -> Option<(u32, u32)> {
+    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
+    let field = |suffix: &str| -> Option<u32> {
+        line.split(',').find_map(|part| {
+            part.trim()
+                .strip_suffix(suffix)
+                .and_then(|n| n.trim().parse().ok())
+        })
+    };
+    Some((field(" packets transmitted")?, field(" received")?))
+}
+
 /// Runs a command in the root namespace; non-zero exit is an error carrying stderr.
 pub fn run_host(argv: &[&str]) -> Result<String> {
     let (program, args) = argv.split_first().context("empty argv")?;
@@ -191,4 +205,17 @@ pub fn remove_all_ours() -> usize {
         let _ = run_host(&["ip", "netns", "del", name]);
     }
     names.len()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ping_counts_reads_the_summary_line() {
+        let out = "PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n\n--- 10.0.0.1 ping statistics ---\n\
+                   49 packets transmitted, 45 received, 8.16327% packet loss, time 778ms\n";
+        assert_eq!(super::ping_counts(out), Some((49, 45)));
+        let with_errors = "3 packets transmitted, 1 received, +2 errors, 66.7% packet loss, time 2003ms\n";
+        assert_eq!(super::ping_counts(with_errors), Some((3, 1)));
+        assert_eq!(super::ping_counts("PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n"), None);
+    }
 }

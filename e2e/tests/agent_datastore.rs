@@ -135,20 +135,13 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
         ])
         .unwrap();
     let summary = String::from_utf8_lossy(&out.stdout).into_owned();
-    let received: u32 = summary
-        .split(',')
-        .find_map(|part| {
-            part.trim()
-                .strip_suffix(" received")
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no ping summary: {summary} (status {:?}, stderr {})",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+    let (_, received) = tortie_e2e::netns::ping_counts(&summary).unwrap_or_else(|| {
+        panic!(
+            "no ping summary: {summary} (status {:?}, stderr {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let lost = secs * 100 - received;
     assert_eq!(
         route_table(&c, "a1"),

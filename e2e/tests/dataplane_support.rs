@@ -462,18 +462,9 @@ impl ContinuousPing {
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
+        let (sent, received) = tortie_e2e::netns::ping_counts(&text)
             .unwrap_or_else(|| panic!("ping {} printed no summary: {text}", self.what));
-        let num = |word: &str| -> u64 {
-            line.split(',')
-                .find(|p| p.contains(word))
-                .and_then(|p| p.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        };
-        (num("transmitted"), num("received"))
+        (u64::from(sent), u64::from(received))
     }
 }
 

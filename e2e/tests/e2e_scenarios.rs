@@ -61,22 +61,7 @@ fn pings_during(from: &TestPod, to: &TestPod, during: impl FnOnce()) -> (u32, u3
             eprintln!("ping: lost icmp_seq {lost:?} of 1..={last}");
         }
     }
-    // "49 packets transmitted, 45 received, 8.2% packet loss, time 778ms"
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in: {text}"));
-    let field = |suffix: &str| -> u32 {
-        summary
-            .split(',')
-            .find_map(|part| {
-                part.trim()
-                    .strip_suffix(suffix)
-                    .and_then(|n| n.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no `{suffix}` in ping summary: {summary}"))
-    };
-    (field("packets transmitted"), field("received"))
+    tortie_e2e::netns::ping_counts(&text).unwrap_or_else(|| panic!("no ping summary in: {text}"))
 }
 
 #[test]
