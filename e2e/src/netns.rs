@@ -214,8 +214,12 @@ mod tests {
         let out = "PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n\n--- 10.0.0.1 ping statistics ---\n\
                    49 packets transmitted, 45 received, 8.16327% packet loss, time 778ms\n";
         assert_eq!(super::ping_counts(out), Some((49, 45)));
-        let with_errors = "3 packets transmitted, 1 received, +2 errors, 66.7% packet loss, time 2003ms\n";
+        let with_errors =
+            "3 packets transmitted, 1 received, +2 errors, 66.7% packet loss, time 2003ms\n";
         assert_eq!(super::ping_counts(with_errors), Some((3, 1)));
-        assert_eq!(super::ping_counts("PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n"), None);
+        assert_eq!(
+            super::ping_counts("PING 10.0.0.1 (10.0.0.1) 56(84) bytes of data.\n"),
+            None
+        );
     }
 }
