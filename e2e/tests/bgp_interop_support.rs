@@ -168,6 +168,24 @@ impl TortieNode {
         .unwrap_or_else(|e| panic!("{e}\nLoc-RIB: {:?}", self.loc_rib()))
     }
 
+    /// After the peer was frozen: tortie's hold timer (3 s in these tests) expires, it sends
+    /// NOTIFICATION 4/0, and the peer's `prefix` leaves the Loc-RIB.
+    pub fn expect_hold_timer_expiry(&self, peer: IpAddr, prefix: &str) {
+        wait_true(
+            "tortie's hold timer expires",
+            Duration::from_secs(8),
+            || !self.established(peer),
+            || format!("{:?}", self.status(peer)),
+        );
+        let status = self.status(peer);
+        assert_eq!(
+            status.last_error.as_deref(),
+            Some("sent NOTIFICATION 4/0"),
+            "{status:?}"
+        );
+        self.wait_no_route(prefix, Duration::from_secs(2));
+    }
+
     /// Like a crash: every task is aborted, sockets close without a NOTIFICATION.
     pub fn abort(mut self) {
         drop(self.speaker.take());
