@@ -24,17 +24,7 @@ fn ping_ok(world: &World, from: usize, to: usize) {
 fn never_mode_installs_workload_blackhole_and_direct_routes_and_pods_ping() {
     require_root();
     let world = World::new(TopologySpec::new().segment(["a1", "a2"]).build().unwrap());
-    let dps: Vec<_> = (0..2)
-        .map(|i| {
-            let dp = start(world.node(i), Config::default());
-            dp.set_desired(world.inputs(i, NEVER, false)).unwrap();
-            dp.mark_complete();
-            dp
-        })
-        .collect();
-    for i in 0..2 {
-        wait_for_mode(&world, i, NEVER).unwrap();
-    }
+    let dps = world.start_all(NEVER);
     ping_ok(&world, 0, 1);
     ping_ok(&world, 1, 0);
     let c = dps[0].counters();

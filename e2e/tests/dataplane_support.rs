@@ -88,6 +88,23 @@ impl World {
         World { pods, topo }
     }
 
+    /// Starts a dataplane on every node in `mode` (complete at once) and waits until each
+    /// node's kernel table is exactly that mode's.
+    pub fn start_all(&self, mode: Mode) -> Vec<Dataplane> {
+        let dps: Vec<Dataplane> = (0..self.topo.nodes.len())
+            .map(|i| {
+                let dp = start(self.node(i), Config::default());
+                dp.set_desired(self.inputs(i, mode, false)).unwrap();
+                dp.mark_complete();
+                dp
+            })
+            .collect();
+        for i in 0..dps.len() {
+            wait_for_mode(self, i, mode).unwrap();
+        }
+        dps
+    }
+
     /// Gives every pod its IPv6 address the way Calico's CNI does: `/128` on eth0, default
     /// route via the host end's link-local address.
     pub fn add_ipv6_to_pods(&self) {

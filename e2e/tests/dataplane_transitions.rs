@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tortie_dataplane::{Config, EncapMode};
+use tortie_dataplane::EncapMode;
 use tortie_e2e::{TopologySpec, require_root, wait_until};
 
 /// Packets a pair may lose across one switch. Each node switches on its own: for the few
@@ -34,17 +34,7 @@ fn mode_transitions_replace_routes_exactly_while_pods_keep_pinging() {
             .unwrap(),
     );
     let ipip = has_ipip(&world.node(0).ns);
-    let dps: Vec<_> = (0..3)
-        .map(|i| {
-            let dp = start(world.node(i), Config::default());
-            dp.set_desired(world.inputs(i, NEVER, false)).unwrap();
-            dp.mark_complete();
-            dp
-        })
-        .collect();
-    for i in 0..3 {
-        wait_for_mode(&world, i, NEVER).unwrap();
-    }
+    let dps = world.start_all(NEVER);
     wait_until("same-segment pods ping", Duration::from_secs(5), || {
         world.pods[0].ns.ping_once(&pod_ip(1).to_string(), 300)
     })
