@@ -323,10 +323,6 @@ impl Agent {
                     }
                     let handle_id = pod_handle_id(&container_id);
                     let result = async {
-                        let existing = ipam.ips_by_handle(&handle_id).await?;
-                        if !existing.is_empty() {
-                            return Ok(existing);
-                        }
                         let req = AutoAssignRequest {
                             handle_id,
                             attributes: workload_attributes(
@@ -342,7 +338,8 @@ impl Agent {
                             pools: Vec::new(),
                             use_: None,
                         };
-                        let a = ipam.auto_assign(&req).await?;
+                        // A retried ADD gets the addresses it already has.
+                        let a = ipam.assign_once(&req).await?;
                         Ok::<_, tortie_ipam::IpamError>(a.ipv4.into_iter().chain(a.ipv6).collect())
                     }
                     .await;

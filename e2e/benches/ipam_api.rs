@@ -10,7 +10,13 @@ use std::time::{Duration, Instant};
 use tortie_e2e::TopologySpec;
 use tortie_e2e::cluster::{ClusterSpec, TestCluster};
 
-const PODS: usize = 300;
+/// Pods measured; `TORTIE_BENCH_PODS` overrides (e.g. a longer run to profile the API server).
+fn pods() -> usize {
+    std::env::var("TORTIE_BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
 
 fn call(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
     let mut s = UnixStream::connect(socket).expect("agent socket");
@@ -23,6 +29,22 @@ fn call(socket: &Path, req: &serde_json::Value) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(v["ok"], true, "agent refused {req}: {v}");
     v
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -118,11 +140,16 @@ fn main() {
     let writes_before = api_writes(&c);
     let requests_before = api_requests(&c);
     let server_before = api_server_time(&c);
-    let mut samples = Vec::with_capacity(PODS);
+    let mut processes: Vec<(&str, u32)> = c.api.pids();
+    if let Some(p) = &c.agent("n1").proc {
+        processes.push(("tortie agent", p.pid()));
+    }
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_secs(*pid)).collect();
+    let mut samples = Vec::with_capacity(pods());
     // (wall-clock start, assign ms, release ms) per pod, to match the slowest against the
     // agent's log (TORTIE_AGENT_LOG=tortie=debug prints each API call's latency).
-    let mut per_pod = Vec::with_capacity(PODS);
-    for i in 0..PODS {
+    let mut per_pod = Vec::with_capacity(pods());
+    for i in 0..pods() {
         let id = format!("bench-{i}");
         let wall = std::time::SystemTime::now();
         let t = Instant::now();
@@ -138,6 +165,12 @@ fn main() {
         let total = t.elapsed().as_secs_f64() * 1000.0;
         samples.push(total);
         per_pod.push((wall, assigned, total - assigned));
+    }
+    for ((name, pid), before) in processes.iter().zip(&cpu_before) {
+        eprintln!(
+            "CPU per pod: {name} {:.2} ms",
+            (cpu_secs(*pid) - before) * 1000.0 / pods() as f64
+        );
     }
     let mut assign_ms: Vec<f64> = per_pod.iter().map(|p| p.1).collect();
     let mut release_ms: Vec<f64> = per_pod.iter().map(|p| p.2).collect();
@@ -161,7 +194,12 @@ fn main() {
             since_epoch.subsec_micros()
         );
     }
-    let writes = (api_writes(&c) - writes_before) / PODS as f64;
+    if let Ok(path) = std::env::var("TORTIE_BENCH_AGENT_LOG") {
+        // With TORTIE_AGENT_LOG=tortie=debug the log has every API call's latency.
+        std::fs::write(&path, c.agent("n1").log()).expect("writing the agent log");
+        eprintln!("agent log: {path}");
+    }
+    let writes = (api_writes(&c) - writes_before) / pods() as f64;
     let server_after = api_server_time(&c);
     let server_secs = server_after.0 - server_before.0;
     let server_requests = server_after.1 - server_before.1;
@@ -169,15 +207,15 @@ fn main() {
     // the socket round trips).
     eprintln!(
         "API server time per pod: {:.2} ms of {:.2} ms (mean), over {:.1} requests ({:.2} ms each)",
-        server_secs * 1000.0 / PODS as f64,
-        samples.iter().sum::<f64>() / PODS as f64,
-        server_requests / PODS as f64,
+        server_secs * 1000.0 / pods() as f64,
+        samples.iter().sum::<f64>() / pods() as f64,
+        server_requests / pods() as f64,
         server_secs * 1000.0 / server_requests.max(1.0)
     );
     for (k, v) in api_requests(&c) {
         let d = v - requests_before.get(&k).copied().unwrap_or(0.0);
         if d > 0.0 {
-            eprintln!("per pod: {:>5.2} {k}", d / PODS as f64);
+            eprintln!("per pod: {:>5.2} {k}", d / pods() as f64);
         }
     }
     samples.sort_by(f64::total_cmp);
@@ -201,7 +239,7 @@ fn main() {
                 let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
                     kube::Api::namespaced(client, "default");
                 let mut v = Vec::new();
-                for i in 0..PODS {
+                for i in 0..pods() {
                     let cm: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(
                         serde_json::json!({"metadata": {"name": format!("floor-{i}")}}),
                     )

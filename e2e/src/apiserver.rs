@@ -239,6 +239,14 @@ impl TestApiServer {
         &self.ca_cert
     }
 
+    /// Process ids of the running etcd and kube-apiserver, by name (for CPU accounting).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        [("etcd", &self.etcd), ("kube-apiserver", &self.apiserver)]
+            .into_iter()
+            .filter_map(|(name, child)| Some((name, child.as_ref()?.id())))
+            .collect()
+    }
+
     /// This run's data dir (certs, kubeconfigs, `etcd.log`, `kube-apiserver.log`).
     pub fn data_dir(&self) -> &Path {
         &self.dir
@@ -471,7 +479,12 @@ impl TestApiServer {
             // A logical range only: no Service traffic flows in the test bed.
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
-            .arg("--profiling=false")
+            // TORTIE_APISERVER_PROFILING=1 serves /debug/pprof, to see where a bench spends
+            // the API server's CPU.
+            .arg(format!(
+                "--profiling={}",
+                std::env::var("TORTIE_APISERVER_PROFILING").is_ok_and(|v| v == "1")
+            ))
             // Loopback advertise addresses are invalid Endpoints: without this the apiserver
             // logs an error every few seconds trying to publish the `kubernetes` Service.
             .arg("--endpoint-reconciler-type=none")

@@ -127,6 +127,13 @@ pub enum IpamError {
         /// Current holder's handle.
         holder: Option<String>,
     },
+    /// [`Ipam::assign_once`] found the handle already there: the caller asked for the addresses
+    /// it holds rather than more.
+    #[error("handle {handle} already exists")]
+    HandleExists {
+        /// Handle ID.
+        handle: String,
+    },
     /// A CAS loop hit its bound.
     #[error("gave up on {kind} {name} after {attempts} conflicting attempts")]
     TooManyConflicts {
@@ -185,6 +192,15 @@ pub struct AutoAssignRequest {
     pub pools: Vec<IpNet>,
     /// `Tunnel` for tunnel addresses; `Workload` (the default) otherwise.
     pub use_: Option<AllowedUse>,
+}
+
+/// How a block write went, for the CAS loop around it.
+enum BlockWrite {
+    Done,
+    /// The block changed since it was read: read it again.
+    Conflict,
+    /// The block is gone.
+    Gone,
 }
 
 /// Addresses assigned by [`Ipam::auto_assign`].
@@ -403,17 +419,56 @@ impl<S: Store> Ipam<S> {
     /// claimed blocks, then (unless strict affinity) borrowed from other blocks. All-or-nothing: on
     /// shortfall every address assigned by this call is released again.
     pub async fn auto_assign(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
+        self.check_request(req)?;
+        let span = debug_span!("auto_assign", node = %req.node, handle = %req.handle_id);
+        self.auto_assign_inner(req, false).instrument(span).await
+    }
+
+    /// [`Ipam::auto_assign`] for a CNI ADD, which the runtime may retry: when the handle already
+    /// holds addresses those are returned and nothing more is assigned. The handle's existence is
+    /// learnt from its create, so a new handle costs no extra read.
+    pub async fn assign_once(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
+        self.check_request(req)?;
+        let span = debug_span!("assign_once", node = %req.node, handle = %req.handle_id);
+        async {
+            match self.auto_assign_inner(req, true).await {
+                Err(IpamError::HandleExists { .. }) => {}
+                other => return other,
+            }
+            let held = self.ips_by_handle(&req.handle_id).await?;
+            if held.is_empty() {
+                // A handle without addresses (an interrupted release, or counts a lost write left
+                // behind): assign under it as usual.
+                return self.auto_assign_inner(req, false).await;
+            }
+            debug!(
+                n = held.len(),
+                "handle already holds addresses; returning them"
+            );
+            let (ipv4, ipv6) = held.into_iter().partition(|ip| ip.is_ipv4());
+            Ok(Assigned { ipv4, ipv6 })
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn check_request(&self, req: &AutoAssignRequest) -> Result<(), IpamError> {
         if req.handle_id.is_empty() || req.node.is_empty() {
             return Err(IpamError::InvalidRequest(format!(
                 "auto-assign needs a handle and a node (handle {:?}, node {:?})",
                 req.handle_id, req.node
             )));
         }
-        let span = debug_span!("auto_assign", node = %req.node, handle = %req.handle_id);
-        self.auto_assign_inner(req).instrument(span).await
+        Ok(())
     }
 
-    async fn auto_assign_inner(&self, req: &AutoAssignRequest) -> Result<Assigned, IpamError> {
+    /// With `new_handle_only`, the first handle write of the call fails with
+    /// [`IpamError::HandleExists`] if the handle is already there.
+    async fn auto_assign_inner(
+        &self,
+        req: &AutoAssignRequest,
+        new_handle_only: bool,
+    ) -> Result<Assigned, IpamError> {
         let settings = self.settings().await?;
         let pools = self.pools().await?;
         let mut out = Assigned::default();
@@ -422,8 +477,9 @@ impl<S: Store> Ipam<S> {
                 continue;
             }
             let mut got = Vec::with_capacity(want);
+            let new_handle_only = new_handle_only && out.ipv4.is_empty();
             let result = self
-                .auto_assign_family(req, fam, want, &settings, &pools, &mut got)
+                .auto_assign_family(req, fam, want, &settings, &pools, new_handle_only, &mut got)
                 .await;
             let result = result.and_then(|()| {
                 if got.len() < want {
@@ -461,7 +517,9 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Assigns up to `want` addresses of one family into `got`; an error may leave `got`
-    /// partly filled, and the caller releases it.
+    /// partly filled, and the caller releases it. `new_handle_only` holds until the first
+    /// address is taken.
+    #[allow(clippy::too_many_arguments)]
     async fn auto_assign_family(
         &self,
         req: &AutoAssignRequest,
@@ -469,6 +527,7 @@ impl<S: Store> Ipam<S> {
         want: usize,
         settings: &IpamSettings,
         pools: &PoolSet,
+        new_handle_only: bool,
         got: &mut Vec<IpAddr>,
     ) -> Result<(), IpamError> {
         let use_ = req.use_.unwrap_or(AllowedUse::Workload);
@@ -503,8 +562,9 @@ impl<S: Store> Ipam<S> {
             if got.len() == want {
                 return Ok(());
             }
+            let exclusive = new_handle_only && got.is_empty();
             let ips = self
-                .assign_from_block(cidr, want - got.len(), req, Some(&req.node))
+                .assign_from_block(cidr, want - got.len(), req, Some(&req.node), exclusive)
                 .await?;
             got.extend(ips);
         }
@@ -525,8 +585,9 @@ impl<S: Store> Ipam<S> {
                     debug!(node = %req.node, "no unclaimed block left in the pools");
                     break;
                 };
+                let exclusive = new_handle_only && got.is_empty();
                 let ips = self
-                    .assign_from_block(&cidr, want - got.len(), req, Some(&req.node))
+                    .assign_from_block(&cidr, want - got.len(), req, Some(&req.node), exclusive)
                     .await?;
                 got.extend(ips);
             }
@@ -548,8 +609,9 @@ impl<S: Store> Ipam<S> {
                 if got.len() == want {
                     return Ok(());
                 }
+                let exclusive = new_handle_only && got.is_empty();
                 let ips = self
-                    .assign_from_block(&cidr, want - got.len(), req, None)
+                    .assign_from_block(&cidr, want - got.len(), req, None, exclusive)
                     .await?;
                 if !ips.is_empty() {
                     debug!(node = %req.node, block = %cidr, n = ips.len(), "borrowed addresses");
@@ -572,12 +634,7 @@ impl<S: Store> Ipam<S> {
         for (cidr, state) in affinities {
             match state {
                 AffinityState::Pending => {
-                    let block_is_ours = match self.store.get::<IpamBlock>(&block_name(cidr)).await {
-                        Ok(b) => !b.spec.is_deleted() && b.spec.affine_node() == Some(node),
-                        Err(StoreError::NotFound { .. }) => false,
-                        Err(e) => return Err(e.into()),
-                    };
-                    if block_is_ours {
+                    if self.block_is_ours(node, cidr).await? {
                         info!(node, block = %cidr, "confirming an interrupted block claim");
                         self.claim_block(node, cidr).await?;
                     } else {
@@ -639,13 +696,15 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Assigns up to `num` addresses from one block (CAS loop). With `require_affinity`, only if
-    /// the block is still affine to that node.
+    /// the block is still affine to that node. With `new_handle_only`, fails with
+    /// [`IpamError::HandleExists`] rather than add to an existing handle.
     async fn assign_from_block(
         &self,
         cidr: &IpNet,
         num: usize,
         req: &AutoAssignRequest,
         require_affinity: Option<&str>,
+        new_handle_only: bool,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let name = block_name(cidr);
         for attempt in 0..self.retry.max_attempts {
@@ -669,6 +728,21 @@ impl<S: Store> Ipam<S> {
                 return Ok(Vec::new());
             }
             let n = ordinals.len() as i64;
+            if new_handle_only {
+                match self
+                    .write_block_and_new_handle(&block, &ordinals, &req.handle_id, cidr)
+                    .await?
+                {
+                    BlockWrite::Done => {
+                        return Ok(ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect());
+                    }
+                    BlockWrite::Gone => return Ok(Vec::new()),
+                    BlockWrite::Conflict => {
+                        self.pause(attempt).await;
+                        continue;
+                    }
+                }
+            }
             self.adjust_handle(&req.handle_id, cidr, n).await?;
             match self.store.update(&block).await {
                 Ok(_) => {
@@ -688,6 +762,95 @@ impl<S: Store> Ipam<S> {
             }
         }
         Err(self.too_many::<IpamBlock>(&name))
+    }
+
+    /// Writes a block holding new `ordinals` for a handle that must not exist yet, and creates
+    /// that handle, both at once: each is a round trip to the API server, and neither needs the
+    /// other's result. Whichever fails is undone. A crash between the two leaves either a handle
+    /// that over-counts (harmless) or addresses recorded under their handle ID in the block,
+    /// where a release by handle finds them without the handle.
+    async fn write_block_and_new_handle(
+        &self,
+        block: &IpamBlock,
+        ordinals: &[u32],
+        handle_id: &str,
+        cidr: &IpNet,
+    ) -> Result<BlockWrite, IpamError> {
+        let n = ordinals.len() as i64;
+        let (handle, written) = futures_util::future::join(
+            self.create_handle(handle_id, cidr, n),
+            self.store.update(block),
+        )
+        .await;
+        match (handle, written) {
+            (Ok(()), Ok(_)) => Ok(BlockWrite::Done),
+            (Ok(()), Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. }))) => {
+                // The block write definitely failed: the handle goes again.
+                self.adjust_handle(handle_id, cidr, -n).await?;
+                Ok(if matches!(e, StoreError::NotFound { .. }) {
+                    BlockWrite::Gone
+                } else {
+                    BlockWrite::Conflict
+                })
+            }
+            // The block write may have landed: keep the handle, which then counts it.
+            (Ok(()), Err(other)) => Err(other.into()),
+            (Err(handle_err), Ok(_)) => {
+                // Give back exactly the addresses just written (the handle may hold others of
+                // the same block, e.g. a retried ADD's).
+                let mine: BTreeSet<u32> = ordinals.iter().copied().collect();
+                self.release_in_block(
+                    cidr,
+                    |b| {
+                        mine.iter()
+                            .copied()
+                            .filter(|o| b.handle_at(*o) == Some(handle_id))
+                            .collect()
+                    },
+                    true,
+                )
+                .await?;
+                Err(handle_err)
+            }
+            (Err(handle_err), Err(StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
+                Err(handle_err)
+            }
+            (Err(handle_err), Err(block_err)) => {
+                warn!(
+                    handle = handle_id,
+                    block = %cidr,
+                    "block write of unknown outcome ({block_err}) while the handle failed; \
+                     a release by handle or the leak collector will free what it holds"
+                );
+                Err(handle_err)
+            }
+        }
+    }
+
+    /// Creates the handle with `count` addresses in one block; [`IpamError::HandleExists`] if it
+    /// is already there.
+    async fn create_handle(
+        &self,
+        handle_id: &str,
+        cidr: &IpNet,
+        count: i64,
+    ) -> Result<(), IpamError> {
+        let handle = IpamHandle::new(
+            handle_name(handle_id),
+            IpamHandleSpec {
+                handle_id: handle_id.to_string(),
+                block: BTreeMap::from([(cidr.to_string(), count)]),
+                deleted: None,
+                extra: Default::default(),
+            },
+        );
+        match self.store.create(&handle).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::AlreadyExists { .. }) => Err(IpamError::HandleExists {
+                handle: handle_id.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Adds `delta` to the handle's count for a block, creating the handle or deleting it when it
@@ -885,35 +1048,59 @@ impl<S: Store> Ipam<S> {
             return Ok(false);
         }
 
+        // Confirm the affinity, unless a release of the same block started meanwhile (another
+        // request of this host emptying it): that release may delete the block, so it wins.
         for attempt in 0..self.retry.max_attempts {
-            match self.store.get::<BlockAffinity>(&aff_name).await {
-                Ok(mut a) => {
-                    if a.spec.state == AffinityState::Confirmed {
-                        return Ok(true);
-                    }
-                    a.spec.state = AffinityState::Confirmed;
-                    match self.store.update(&a).await {
-                        Ok(_) => return Ok(true),
-                        Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                            self.pause(attempt).await
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+            let mut a = match self.store.get::<BlockAffinity>(&aff_name).await {
+                Ok(a) => a,
                 Err(StoreError::NotFound { .. }) => {
-                    // Removed under us (node release racing); the block is ours, so re-record it.
-                    let mut confirmed = pending.clone();
-                    confirmed.spec.state = AffinityState::Confirmed;
-                    match self.store.create(&confirmed).await {
-                        Ok(_) => return Ok(true),
-                        Err(StoreError::AlreadyExists { .. }) => self.pause(attempt).await,
+                    // A release finished under us; it deleted the block if it was empty. Record
+                    // the claim again, as pending, only while the block is still ours.
+                    if !self.block_is_ours(node, cidr).await? {
+                        return Ok(false);
+                    }
+                    match self.store.create(&pending).await {
+                        Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
                         Err(e) => return Err(e.into()),
                     }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match a.spec.state {
+                AffinityState::Confirmed if a.spec.deleted != "true" => return Ok(true),
+                AffinityState::Pending if a.spec.deleted != "true" => {}
+                _ => {
+                    debug!(node, block = %cidr, "block released while being claimed; leaving it");
+                    return Ok(false);
+                }
+            }
+            // Still pending: the block must exist (a release may have deleted it) before the
+            // affinity says so.
+            if !self.block_is_ours(node, cidr).await? {
+                self.delete_affinity_if(node, cidr, |a| a.spec.state == AffinityState::Pending)
+                    .await?;
+                return Ok(false);
+            }
+            a.spec.state = AffinityState::Confirmed;
+            match self.store.update(&a).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                    self.pause(attempt).await
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         Err(self.too_many::<BlockAffinity>(&aff_name))
+    }
+
+    /// Whether the block exists, is not being deleted, and is affine to `node`.
+    async fn block_is_ours(&self, node: &str, cidr: &IpNet) -> Result<bool, IpamError> {
+        match self.store.get::<IpamBlock>(&block_name(cidr)).await {
+            Ok(b) => Ok(!b.spec.is_deleted() && b.spec.affine_node() == Some(node)),
+            Err(StoreError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes the node's affinity object for `cidr` if `pred` holds for it (CAS loop).
@@ -1050,30 +1237,45 @@ impl<S: Store> Ipam<S> {
     }
 
     async fn release_by_handle_inner(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        // Every allocation names its handle in the block, so the blocks (a cached list in the
+        // agent) say where the handle's addresses are without reading the handle.
+        let blocks = self.store.list::<IpamBlock>().await?;
+        let done: BTreeSet<IpNet> = blocks
+            .iter()
+            .filter(|b| b.spec.holds_handle(handle_id))
+            .filter_map(|b| b.spec.parsed_cidr())
+            .collect();
+        let from_blocks = async {
+            let mut released = Vec::new();
+            for cidr in &done {
+                released.extend(self.release_handle_in_block(cidr, handle_id).await?);
+            }
+            Ok::<_, IpamError>(released)
+        };
+        // The handle goes at the same time (a round trip saved). What it held names blocks a
+        // stale list could have missed; if the block writes fail, the retried release finds the
+        // addresses in the blocks again.
         let name = handle_name(handle_id);
-        let mut released = Vec::new();
-        for attempt in 0..self.retry.max_attempts {
-            let handle = match self.store.get::<IpamHandle>(&name).await {
-                Ok(h) => h,
-                Err(StoreError::NotFound { .. }) => return Ok(released),
-                Err(e) => return Err(e.into()),
+        let (released, handle) =
+            futures_util::future::join(from_blocks, self.store.take::<IpamHandle>(&name)).await;
+        let mut released = released?;
+        let handle = match handle {
+            Ok(h) => h,
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut done = done;
+        for key in handle.iter().flat_map(|h| h.spec.block.keys()) {
+            let Ok(cidr) = key.parse::<IpNet>() else {
+                warn!(handle = %name, key, "spec.block key is not a CIDR; dropping it");
+                continue;
             };
-            for key in handle.spec.block.keys() {
-                let Ok(cidr) = key.parse::<IpNet>() else {
-                    warn!(handle = %name, key, "spec.block key is not a CIDR; dropping it");
-                    continue;
-                };
+            if done.insert(cidr) {
                 released.extend(self.release_handle_in_block(&cidr, handle_id).await?);
             }
-            let rev = handle.metadata.resource_version.clone().unwrap_or_default();
-            match self.store.delete::<IpamHandle>(&name, &rev).await {
-                Ok(()) | Err(StoreError::NotFound { .. }) => return Ok(released),
-                // An assignment to this handle raced us: go again with its new blocks.
-                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
-                Err(e) => return Err(e.into()),
-            }
         }
-        Err(self.too_many::<IpamHandle>(&name))
+        released.sort();
+        Ok(released)
     }
 
     async fn release_handle_in_block(
@@ -1255,9 +1457,25 @@ impl<S: Store> Ipam<S> {
                     continue;
                 }
             }
+            let mut aff = aff;
             match block {
                 None => {}
                 Some(b) if b.spec.is_empty() => {
+                    // Mark the affinity deleted first (as Calico does): a concurrent releaser
+                    // that read the block before it emptied would otherwise restore the
+                    // affinity to confirmed after this one deleted the block. Its restore is a
+                    // CAS on the affinity, which this write makes fail.
+                    if let Some(a) = aff.as_mut().filter(|a| a.spec.deleted != "true") {
+                        a.spec.deleted = "true".to_string();
+                        match self.store.update(&*a).await {
+                            Ok(stored) => *a = stored,
+                            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
+                                self.pause(attempt).await;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                     let rev = b.metadata.resource_version.clone().unwrap_or_default();
                     match self.store.delete::<IpamBlock>(&blk_name, &rev).await {
                         Ok(()) | Err(StoreError::NotFound { .. }) => {
@@ -1274,6 +1492,7 @@ impl<S: Store> Ipam<S> {
                     if require_empty {
                         if let Some(mut a) = aff {
                             a.spec.state = AffinityState::Confirmed;
+                            a.spec.deleted = "false".to_string();
                             match self.store.update(&a).await {
                                 Ok(_) => return Ok(AffinityRelease::KeptNotEmpty),
                                 Err(StoreError::Conflict { .. }) => {

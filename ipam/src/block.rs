@@ -129,6 +129,13 @@ impl IpamBlockSpec {
             .copied()
     }
 
+    /// Whether any attribute names this handle: a cheap test before [`Self::ordinals_for_handle`].
+    pub fn holds_handle(&self, handle_id: &str) -> bool {
+        self.attributes
+            .iter()
+            .any(|a| a.handle_id.as_deref() == Some(handle_id))
+    }
+
     /// Ordinals held by `handle_id`.
     pub fn ordinals_for_handle(&self, handle_id: &str) -> Vec<u32> {
         (0..self.allocations.len() as u32)

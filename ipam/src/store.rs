@@ -83,6 +83,9 @@ impl StoreError {
     }
 }
 
+/// Reads-then-deletes [`Store::take`]'s default makes before giving up on a busy object.
+const TAKE_ATTEMPTS: u32 = 8;
+
 /// A datastore of Calico objects with per-object compare-and-swap.
 pub trait Store: Send + Sync {
     /// Reads one object.
@@ -104,6 +107,31 @@ pub trait Store: Send + Sync {
         name: &str,
         revision: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes an object whatever its revision and returns what it held (`None` when the store
+    /// deleted it but cannot say); [`StoreError::NotFound`] if there was none. One round trip
+    /// where the store allows; the default reads, then deletes at the revision read.
+    fn take<K: Resource>(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<K>, StoreError>> + Send {
+        async move {
+            for _ in 0..TAKE_ATTEMPTS {
+                let current: K = self.get(name).await?;
+                let revision = current
+                    .metadata()
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default();
+                match self.delete::<K>(name, &revision).await {
+                    Ok(()) => return Ok(Some(current)),
+                    Err(StoreError::Conflict { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(StoreError::conflict::<K>(name))
+        }
+    }
 
     /// Waits between two CAS attempts. The store is the one piece that knows the runtime, so it
     /// owns the timer (tokio's `sleep` in the agent); the default does not wait at all.
@@ -132,6 +160,12 @@ impl<T: Store> Store for Arc<T> {
         revision: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).delete::<K>(name, revision)
+    }
+    fn take<K: Resource>(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<K>, StoreError>> + Send {
+        (**self).take::<K>(name)
     }
     fn backoff(&self, delay: Duration) -> impl Future<Output = ()> + Send {
         (**self).backoff(delay)
@@ -423,6 +457,19 @@ impl MemoryStore {
         }
         Ok(())
     }
+
+    fn take_now<K: Resource>(&self, name: &str) -> Result<Option<K>, StoreError> {
+        let mut st = self.lock();
+        let key = (K::KIND, name.to_string());
+        let Some(entry) = st.objects.remove(&key) else {
+            return Err(StoreError::not_found::<K>(name));
+        };
+        st.stats.deletes += 1;
+        if st.inject_ambiguous() {
+            return Err(ambiguous::<K>(name));
+        }
+        Ok(Self::materialize(&entry))
+    }
 }
 
 /// A future that is `Pending` once (waking itself) when asked to, then ready.
@@ -467,6 +514,11 @@ impl Store for MemoryStore {
     async fn delete<K: Resource>(&self, name: &str, revision: &str) -> Result<(), StoreError> {
         self.yield_point().await;
         self.delete_now::<K>(name, revision)
+    }
+
+    async fn take<K: Resource>(&self, name: &str) -> Result<Option<K>, StoreError> {
+        self.yield_point().await;
+        self.take_now::<K>(name)
     }
 
     fn backoff(&self, delay: Duration) -> impl Future<Output = ()> + Send {
@@ -589,11 +641,30 @@ pub async fn check_store_contract<S: Store>(
     handle.metadata.resource_version = Some(r2);
     match store.update(&handle).await {
         // The API server answers 404 or 409 here depending on version; both keep CAS safe.
-        Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => Ok(()),
-        other => fail(
-            "update deleted",
-            format!("expected NotFound or Conflict, got {other:?}"),
-        ),
+        Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
+        other => {
+            return fail(
+                "update deleted",
+                format!("expected NotFound or Conflict, got {other:?}"),
+            );
+        }
+    }
+
+    if let Err(e) = store.create(&handle).await {
+        return fail("create again", format!("expected success, got {e}"));
+    }
+    match store.take::<IpamHandle>(&name).await {
+        Ok(Some(taken)) if taken.spec == handle.spec => {}
+        Ok(None) => {}
+        other => return fail("take", format!("expected the handle, got {other:?}")),
+    }
+    match store.get::<IpamHandle>(&name).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => return fail("get taken", format!("expected NotFound, got {other:?}")),
+    }
+    match store.take::<IpamHandle>(&name).await {
+        Err(StoreError::NotFound { .. }) => Ok(()),
+        other => fail("take taken", format!("expected NotFound, got {other:?}")),
     }
 }
 

@@ -923,3 +923,213 @@ fn strict_affinity_refuses_a_specific_address_in_another_hosts_block() {
     store.put(&config(false, 5));
     run(&store, ipam.assign_ip(ip("10.0.0.6"), "h2", &attrs, "n2")).unwrap();
 }
+
+/// A [`MemoryStore`] that counts calls per operation and kind, and can serve a stale (empty)
+/// list of blocks, as a watch cache that has not caught up would.
+struct Counting {
+    inner: std::sync::Arc<MemoryStore>,
+    calls: std::sync::Mutex<BTreeMap<String, u32>>,
+    stale_block_list: bool,
+}
+
+impl Counting {
+    fn new(inner: std::sync::Arc<MemoryStore>) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            stale_block_list: false,
+        }
+    }
+    fn count<K: tortie_ipam::Resource>(&self, op: &str) {
+        *self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(format!("{op} {}", K::KIND))
+            .or_insert(0) += 1;
+    }
+    fn take_calls(&self) -> BTreeMap<String, u32> {
+        std::mem::take(&mut self.calls.lock().unwrap())
+    }
+}
+
+impl tortie_ipam::Store for Counting {
+    async fn get<K: tortie_ipam::Resource>(
+        &self,
+        name: &str,
+    ) -> Result<K, tortie_ipam::StoreError> {
+        self.count::<K>("get");
+        self.inner.get(name).await
+    }
+    async fn list<K: tortie_ipam::Resource>(&self) -> Result<Vec<K>, tortie_ipam::StoreError> {
+        self.count::<K>("list");
+        if self.stale_block_list && K::KIND == "IPAMBlock" {
+            return Ok(Vec::new());
+        }
+        self.inner.list().await
+    }
+    async fn create<K: tortie_ipam::Resource>(
+        &self,
+        obj: &K,
+    ) -> Result<K, tortie_ipam::StoreError> {
+        self.count::<K>("create");
+        self.inner.create(obj).await
+    }
+    async fn update<K: tortie_ipam::Resource>(
+        &self,
+        obj: &K,
+    ) -> Result<K, tortie_ipam::StoreError> {
+        self.count::<K>("update");
+        self.inner.update(obj).await
+    }
+    async fn delete<K: tortie_ipam::Resource>(
+        &self,
+        name: &str,
+        revision: &str,
+    ) -> Result<(), tortie_ipam::StoreError> {
+        self.count::<K>("delete");
+        self.inner.delete::<K>(name, revision).await
+    }
+    async fn take<K: tortie_ipam::Resource>(
+        &self,
+        name: &str,
+    ) -> Result<Option<K>, tortie_ipam::StoreError> {
+        self.count::<K>("take");
+        self.inner.take::<K>(name).await
+    }
+}
+
+fn counting_ipam(
+    pools: &[IpPool],
+) -> (
+    std::sync::Arc<MemoryStore>,
+    Ipam<std::sync::Arc<Counting>>,
+    std::sync::Arc<Counting>,
+) {
+    let (store, _) = new_ipam(pools, None);
+    let counting = std::sync::Arc::new(Counting::new(store.clone()));
+    (store, Ipam::new(counting.clone()), counting)
+}
+
+fn calls(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[test]
+fn cni_add_and_del_with_an_affine_block_never_read_the_handle() {
+    let (store, ipam, counting) = counting_ipam(&[pool("p", "10.0.0.0/24", 26)]);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    counting.take_calls();
+
+    let got = run(&store, ipam.assign_once(&req("pod", "n1", 1, 0))).unwrap();
+    assert_eq!(got.ipv4.len(), 1);
+    let assign = counting.take_calls();
+    // The agent serves gets and lists of blocks, affinities, pools and config from its watch
+    // caches; handles are not watched, so every handle call is a request to the API server.
+    let handle_calls: BTreeMap<_, _> = assign
+        .iter()
+        .filter(|(k, _)| k.ends_with("IPAMHandle"))
+        .collect();
+    assert_eq!(handle_calls.len(), 1, "assign: {assign:?}");
+    assert_eq!(
+        assign.get("create IPAMHandle"),
+        Some(&1),
+        "assign: {assign:?}"
+    );
+    assert_eq!(
+        assign.get("update IPAMBlock"),
+        Some(&1),
+        "assign: {assign:?}"
+    );
+
+    let released = run(&store, ipam.release_by_handle("pod")).unwrap();
+    assert_eq!(released, got.ipv4);
+    let release = counting.take_calls();
+    assert_eq!(
+        release,
+        calls(&[
+            ("list IPAMBlock", 1),
+            ("get IPAMBlock", 1),
+            ("update IPAMBlock", 1),
+            ("take IPAMHandle", 1),
+        ]),
+    );
+    assert!(!allocations(&store).values().any(|h| h == "pod"));
+    assert!(
+        store
+            .snapshot::<IpamHandle>()
+            .iter()
+            .all(|h| h.metadata.name != "pod")
+    );
+}
+
+#[test]
+fn retried_cni_add_gets_the_addresses_it_already_has() {
+    let (store, ipam) = new_ipam(
+        &[pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/122", 122)],
+        None,
+    );
+    let first = run(&store, ipam.assign_once(&req("pod", "n1", 1, 1))).unwrap();
+    assert_eq!((first.ipv4.len(), first.ipv6.len()), (1, 1));
+    let again = run(&store, ipam.assign_once(&req("pod", "n1", 1, 1))).unwrap();
+    assert_eq!(again, first);
+    assert_eq!(allocations(&store).len(), 2, "nothing more was assigned");
+    // `auto_assign` keeps Calico's meaning: more addresses under the same handle.
+    let more = run(&store, ipam.auto_assign(&req("pod", "n1", 1, 0))).unwrap();
+    assert_ne!(more.ipv4, first.ipv4);
+    assert_eq!(allocations(&store).len(), 3);
+}
+
+#[test]
+fn cni_add_on_a_handle_left_without_addresses_assigns_under_it() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    let got = run(&store, ipam.assign_once(&req("pod", "n1", 1, 0))).unwrap();
+    // A release that freed the block but died before deleting the handle.
+    let block = store.snapshot::<IpamBlock>().remove(0);
+    let mut emptied = block.clone();
+    emptied
+        .spec
+        .release_ordinals(&emptied.spec.ordinals_for_handle("pod"));
+    store.put(&emptied);
+    assert!(allocations(&store).is_empty());
+
+    let again = block_on(ipam.assign_once(&req("pod", "n1", 1, 0))).unwrap();
+    assert_eq!(again.ipv4.len(), 1);
+    assert_eq!(
+        allocations(&store).values().filter(|h| *h == "pod").count(),
+        1
+    );
+    let _ = got;
+}
+
+#[test]
+fn release_finds_addresses_whose_handle_is_already_gone() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let got = run(&store, ipam.assign_once(&req("pod", "n1", 1, 0))).unwrap();
+    // A release interrupted after the handle went: the block still holds the address.
+    block_on(tortie_ipam::Store::take::<IpamHandle>(&*store, "pod")).unwrap();
+    let released = run(&store, ipam.release_by_handle("pod")).unwrap();
+    assert_eq!(released, got.ipv4);
+    assert_eq!(allocations(&store).len(), 1);
+}
+
+#[test]
+fn release_uses_the_handle_for_blocks_a_stale_block_list_missed() {
+    let (store, _) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    let stale = std::sync::Arc::new(Counting {
+        stale_block_list: true,
+        ..Counting::new(store.clone())
+    });
+    let fresh = Ipam::new(store.clone());
+    run(&store, fresh.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let got = run(&store, fresh.assign_once(&req("pod", "n1", 1, 0))).unwrap();
+    let released = run(&store, Ipam::new(stale).release_by_handle("pod")).unwrap();
+    assert_eq!(released, got.ipv4);
+    assert_eq!(allocations(&store).len(), 1);
+    assert_eq!(
+        store.snapshot::<IpamHandle>().len(),
+        1,
+        "only the resident's handle"
+    );
+}

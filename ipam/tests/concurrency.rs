@@ -119,7 +119,14 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
                                 num_v6: *v6,
                                 ..AutoAssignRequest::default()
                             };
-                            match ipam.auto_assign(&req).await {
+                            // Both entry points: the CNI's (handle and block written at
+                            // once) and Calico's plain auto-assign.
+                            let result = if n % 2 == 0 {
+                                ipam.assign_once(&req).await
+                            } else {
+                                ipam.auto_assign(&req).await
+                            };
+                            match result {
                                 Ok(got) => {
                                     let ips: Vec<IpAddr> =
                                         got.ipv4.iter().chain(&got.ipv6).copied().collect();
@@ -320,4 +327,47 @@ fn heavy_contention_scenario_with_every_host_racing_for_few_blocks() {
             seed,
         });
     }
+}
+
+/// Found by the property test once the CNI path wrote handle and block at once: a claim of a
+/// block its host was emptying (and releasing) at the same moment re-created a confirmed
+/// affinity after the release had deleted the block.
+#[test]
+fn claim_racing_the_release_of_the_same_block_never_confirms_a_deleted_block() {
+    let sc = Scenario {
+        hosts: vec![
+            vec![Op::Assign { v4: 1, v6: 0 }, Op::ReleaseOldestHandle],
+            vec![Op::Assign { v4: 1, v6: 0 }],
+            vec![Op::Assign { v4: 1, v6: 0 }],
+        ],
+        strict: false,
+        max_blocks: 1,
+        conflict_one_in: 7,
+        ambiguous_one_in: 0,
+        seed: 351561988042380324,
+    };
+    run_scenario_on(&sc, true);
+}
+
+/// Found the same way: two releases of one emptied block, one having read it before a refill
+/// and release, restored the affinity to confirmed after the other deleted the block.
+#[test]
+fn two_releases_of_one_block_never_leave_a_confirmed_affinity_without_its_block() {
+    use Op::*;
+    let a = || Assign { v4: 1, v6: 0 };
+    let r = || ReleaseOldestHandle;
+    let sc = Scenario {
+        hosts: vec![
+            vec![r(), r(), r(), r(), a(), r(), a()],
+            vec![a(), r()],
+            vec![a(), r()],
+            vec![a(), a()],
+        ],
+        strict: false,
+        max_blocks: 1,
+        conflict_one_in: 7,
+        ambiguous_one_in: 0,
+        seed: 3699414806428933422,
+    };
+    run_scenario_on(&sc, true);
 }

@@ -16,6 +16,8 @@ fn allocator_futures_are_send_for_tokio_spawn() {
     let (_store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
     let req = AutoAssignRequest::default();
     assert_send(&ipam.auto_assign(&req));
+    assert_send(&ipam.assign_once(&req));
+    assert_send(&ipam.release_by_handle("h"));
     assert_send(&ipam.release_by_handle("h"));
     assert_send(&ipam.release_node("n"));
     let mut gc = tortie_ipam::LeakCollector::default();
@@ -49,7 +51,12 @@ fn parallel_hosts_on_threads_never_share_an_address() {
                         num_v4: 1,
                         ..AutoAssignRequest::default()
                     };
-                    match block_on(ipam.auto_assign(&req)) {
+                    let result = if i % 2 == 0 {
+                        block_on(ipam.assign_once(&req))
+                    } else {
+                        block_on(ipam.auto_assign(&req))
+                    };
+                    match result {
                         Ok(got) => {
                             let mut h = held.lock().unwrap();
                             for ip in got.ipv4 {

@@ -407,6 +407,26 @@ impl Store for KubeIpamStore {
         result.map(|_| ())
     }
 
+    async fn take<K: Resource>(&self, name: &str) -> Result<Option<K>, StoreError> {
+        let api = self.api::<K>();
+        let result = timed(
+            K::KIND,
+            "take",
+            name,
+            api.delete(name, &DeleteParams::default()),
+        )
+        .await
+        .map_err(|e| map_err::<K>(name, e));
+        // The deletion's own revision is not returned: read through until the watch shows it.
+        self.distrust::<K>(name);
+        match result? {
+            // Calico's kinds are custom resources, for which the API server returns the object
+            // as it was deleted.
+            either::Either::Left(obj) => from_dynamic(obj).map(Some),
+            either::Either::Right(_status) => Ok(None),
+        }
+    }
+
     async fn backoff(&self, delay: Duration) {
         tokio::time::sleep(delay).await;
     }
