@@ -57,6 +57,14 @@ enum Command {
         #[arg(long)]
         ipv6: bool,
     },
+    /// Checks that the datastore keeps the IPAM store's compare-and-swap contract (create,
+    /// read, update and delete of a scratch IPAMHandle) with this kubeconfig's identity: an
+    /// install and RBAC check before the agents run.
+    CheckDatastore {
+        /// Prefix of the scratch handle's name (removed again on success).
+        #[arg(long, default_value = "tortie-check")]
+        name_prefix: String,
+    },
     /// Installs this binary as the CNI plugin (`<dir>/tortie`, atomically replaced).
     InstallCni {
         #[arg(long, env = "CNI_BIN_DIR", default_value = "/opt/cni/bin")]
@@ -127,6 +135,18 @@ fn main() -> Result<()> {
             let addrs = autodetect::interface_addrs()?;
             println!("{}", autodetect::select(&method, &addrs, ipv6, &[])?);
             Ok(())
+        }
+        Command::CheckDatastore { name_prefix } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let client = kube::Client::try_default().await?;
+                let store = datastore::ipam_store::KubeIpamStore::new(client);
+                tortie_ipam::check_store_contract(&store, &name_prefix).await?;
+                println!("datastore keeps the IPAM compare-and-swap contract");
+                Ok(())
+            })
         }
         Command::InstallCni { cni_bin_dir } => {
             let path = cni::install::install(&cni_bin_dir)?;

@@ -865,6 +865,21 @@ fn agent_service_account_can_do_what_the_agent_needs_and_no_more() {
         "rbac.yaml grants more than the agent needs: {granted:#?}"
     );
 
+    // The IPAM store's compare-and-swap contract, through the agent's own store code and
+    // identity (including the one-request delete that returns the object).
+    let check =
+        std::process::Command::new(tortie_e2e::cluster::tortie_binary().expect("tortie binary"))
+            .arg("check-datastore")
+            .env("KUBECONFIG", &agent)
+            .output()
+            .expect("run tortie check-datastore");
+    assert!(
+        check.status.success(),
+        "tortie check-datastore failed: {}{}",
+        stdout_of(&check),
+        stderr_of(&check)
+    );
+
     // Real calls, as the agent makes them. World set up by the admin: a Node, the BGP password
     // Secret in the agent's namespace and one elsewhere, a BGPPeer.
     server

@@ -1245,6 +1245,11 @@ impl<S: Store> Ipam<S> {
             .filter(|b| b.spec.holds_handle(handle_id))
             .filter_map(|b| b.spec.parsed_cidr())
             .collect();
+        if done.is_empty() {
+            // Nothing of it in the blocks as this store sees them: the handle, if any, says
+            // where to look (and a DEL of an unknown container costs one read).
+            return self.release_by_handle_record(handle_id).await;
+        }
         let from_blocks = async {
             let mut released = Vec::new();
             for cidr in &done {
@@ -1252,9 +1257,9 @@ impl<S: Store> Ipam<S> {
             }
             Ok::<_, IpamError>(released)
         };
-        // The handle goes at the same time (a round trip saved). What it held names blocks a
-        // stale list could have missed; if the block writes fail, the retried release finds the
-        // addresses in the blocks again.
+        // The handle goes at the same time (a round trip saved). If the store returns what it
+        // held, that names blocks a stale list could have missed; if the block writes fail,
+        // the retried release finds the addresses in the blocks again.
         let name = handle_name(handle_id);
         let (released, handle) =
             futures_util::future::join(from_blocks, self.store.take::<IpamHandle>(&name)).await;
@@ -1276,6 +1281,37 @@ impl<S: Store> Ipam<S> {
         }
         released.sort();
         Ok(released)
+    }
+
+    /// Releases what the handle object records, then deletes it at the revision read.
+    async fn release_by_handle_record(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let name = handle_name(handle_id);
+        let mut released = Vec::new();
+        for attempt in 0..self.retry.max_attempts {
+            let handle = match self.store.get::<IpamHandle>(&name).await {
+                Ok(h) => h,
+                Err(StoreError::NotFound { .. }) => return Ok(released),
+                Err(e) => return Err(e.into()),
+            };
+            for key in handle.spec.block.keys() {
+                let Ok(cidr) = key.parse::<IpNet>() else {
+                    warn!(handle = %name, key, "spec.block key is not a CIDR; dropping it");
+                    continue;
+                };
+                released.extend(self.release_handle_in_block(&cidr, handle_id).await?);
+            }
+            let rev = handle.metadata.resource_version.clone().unwrap_or_default();
+            match self.store.delete::<IpamHandle>(&name, &rev).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {
+                    released.sort();
+                    return Ok(released);
+                }
+                // An assignment to this handle raced us: go again with its new blocks.
+                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(self.too_many::<IpamHandle>(&name))
     }
 
     async fn release_handle_in_block(

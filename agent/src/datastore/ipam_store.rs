@@ -420,9 +420,9 @@ impl Store for KubeIpamStore {
         // The deletion's own revision is not returned: read through until the watch shows it.
         self.distrust::<K>(name);
         match result? {
-            // Calico's kinds are custom resources, for which the API server returns the object
-            // as it was deleted.
             either::Either::Left(obj) => from_dynamic(obj).map(Some),
+            // What the API server answers for a custom resource (v1.36): the object is gone,
+            // its last state is not returned.
             either::Either::Right(_status) => Ok(None),
         }
     }
