@@ -28,6 +28,7 @@ use crate::datastore::calico::{BgpConfigurationSpec, BgpPeerSpec, api_resource};
 use crate::datastore::ipam_store::KubeIpamStore;
 use crate::datastore::watch::{Snapshot, spawn_cache};
 use crate::local_api::{self, Call, Reply, Request};
+use crate::releases::ReleaseQueue;
 use crate::routing::Routing;
 
 type Cache<K> = watch::Receiver<Arc<Snapshot<K>>>;
@@ -138,6 +139,7 @@ struct Agent {
     client: Client,
     node: NodeIdentity,
     ipam: Arc<Ipam<KubeIpamStore>>,
+    releases: ReleaseQueue<KubeIpamStore>,
     dataplane: dp::Dataplane,
     routing: Routing,
     workloads: BTreeMap<String, LocalWorkload>,
@@ -154,6 +156,13 @@ struct Agent {
     last_nat: Option<dp::nat::NatInputs>,
     ticks: u64,
 }
+
+/// How long an ADD waits for a pending release of its own handle before failing (the runtime
+/// retries the ADD).
+const RELEASE_WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a DEL waits for its release to be written before deferring it.
+const INLINE_RELEASE_LIMIT: Duration = Duration::from_secs(3);
 
 pub async fn run(cfg: Config) -> Result<()> {
     let client = Client::try_default()
@@ -200,6 +209,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             lease_seconds: i32::try_from(cfg.gc_lease_secs).unwrap_or(30),
         },
     ));
+    let releases = ReleaseQueue::start(ipam.clone(), cfg.run_dir.join("pending-releases.json"));
     let workloads = load_workloads(&workloads_path(&cfg));
     info!(node = %node.name, workloads = workloads.len(), "agent started");
     let mut agent = Agent {
@@ -211,6 +221,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         client,
         node,
         ipam,
+        releases,
         dataplane,
         routing,
         workloads,
@@ -304,6 +315,7 @@ impl Agent {
                 host_if,
             } => {
                 let ipam = self.ipam.clone();
+                let releases = self.releases.clone();
                 let node = self.node.clone();
                 let mtu = self.mtu();
                 // IPAM talks to the API server; do not hold up the loop while it does.
@@ -322,6 +334,14 @@ impl Agent {
                         return;
                     }
                     let handle_id = pod_handle_id(&container_id);
+                    // A DEL of this very sandbox may have been answered with its release still
+                    // on the way: this ADD must not be handed what that release will free.
+                    if let Err(e) = releases.wait_released(&handle_id, RELEASE_WAIT_LIMIT).await {
+                        let _ = reply.send(Reply::err(format!(
+                            "assigning an address to {namespace}/{pod}: {e}"
+                        )));
+                        return;
+                    }
                     let result = async {
                         let req = AutoAssignRequest {
                             handle_id,
@@ -397,15 +417,39 @@ impl Agent {
                         }
                     }
                 });
+                // Released in line: the next ADD on this node writes the same block, so a
+                // release still in flight would only make it conflict. If the API server does
+                // not answer in time, the release is recorded and retried in the background and
+                // the DEL succeeds (the runtime would otherwise keep the pod terminating).
+                let handle_id = pod_handle_id(&container_id);
                 let ipam = self.ipam.clone();
+                let releases = self.releases.clone();
                 tokio::spawn(async move {
-                    let r = ipam.release_by_handle(&pod_handle_id(&container_id)).await;
-                    let released = match r {
-                        Ok(_)
-                        | Err(tortie_ipam::IpamError::Store(tortie_ipam::StoreError::NotFound {
-                            ..
-                        })) => Reply::ok(),
-                        Err(e) => Reply::err(format!("releasing {container_id}: {e}")),
+                    let inline = tokio::time::timeout(
+                        INLINE_RELEASE_LIMIT,
+                        ipam.release_by_handle(&handle_id),
+                    )
+                    .await;
+                    let released = match inline {
+                        Ok(Ok(_)) => Reply::ok(),
+                        Ok(Err(e)) => match releases.enqueue(&handle_id) {
+                            Ok(()) => {
+                                warn!(container = %container_id, error = %e, "address release deferred");
+                                Reply::ok()
+                            }
+                            Err(persist) => Reply::err(format!(
+                                "releasing {container_id}: {e}; and it could not be deferred: {persist}"
+                            )),
+                        },
+                        Err(_elapsed) => match releases.enqueue(&handle_id) {
+                            Ok(()) => {
+                                warn!(container = %container_id, limit = ?INLINE_RELEASE_LIMIT, "API server slow; address release deferred");
+                                Reply::ok()
+                            }
+                            Err(persist) => Reply::err(format!(
+                                "releasing {container_id}: no answer from the API server within {INLINE_RELEASE_LIMIT:?}, and it could not be deferred: {persist}"
+                            )),
+                        },
                     };
                     let _ = reply.send(Reply {
                         host_if_handled,
@@ -456,6 +500,9 @@ impl Agent {
             "peers": self.routing.status(),
             "blocks": self.view.my_blocks().iter().map(ToString::to_string).collect::<Vec<_>>(),
             "workloads": self.workloads.len(),
+            "pending_releases": self.releases.pending_count(),
+            "oldest_pending_release_seconds": self.releases.oldest_pending().map(|d| d.as_secs_f64()),
+            "release_write_ms": self.releases.recent_write_ms().map(|(p50, p99)| serde_json::json!({"p50": p50, "p99": p99})),
             "routes": c.routes_by_kind.iter().map(|(k, v)| (k.as_str().to_owned(), *v)).collect::<BTreeMap<_, _>>(),
             "ready": *self.ready_tx.borrow(),
         })
@@ -639,6 +686,7 @@ impl Agent {
             &self.dataplane.counters(),
             &self.routing.status(),
             self.workloads.len(),
+            self.releases.pending_count(),
             ready,
         );
         if let Ok(mut t) = self.metrics_text.lock() {

@@ -11,6 +11,7 @@ mod gc;
 mod http;
 mod local_api;
 mod metrics;
+mod releases;
 mod routing;
 
 use std::time::Duration;

@@ -38,6 +38,7 @@ pub fn render(
     dp: &Counters,
     peers: &serde_json::Value,
     workloads: usize,
+    pending_releases: usize,
     ready: bool,
 ) -> String {
     let snapshot = Snapshot {
@@ -45,6 +46,7 @@ pub fn render(
         dataplane: dp,
         peers: &PeerFigures::from_status(peers),
         workloads,
+        pending_releases,
         ready,
         datastore_ready: crate::datastore::watch::datastore_healthy(),
         watch_restarts: crate::datastore::watch::WATCH_RESTARTS
@@ -61,6 +63,8 @@ pub struct Snapshot<'a> {
     pub dataplane: &'a Counters,
     pub peers: &'a [PeerFigures],
     pub workloads: usize,
+    /// Pod address releases answered to the CNI but not yet written to the API server.
+    pub pending_releases: usize,
     /// The agent's readiness (`/readiness`).
     pub ready: bool,
     /// Every datastore watch is currently healthy.
@@ -261,7 +265,7 @@ impl Metrics {
 
         self.render_bgp(&mut out, s.peers);
         self.render_dataplane(&mut out, dp);
-        render_ipam(&mut out, s.view, s.workloads);
+        render_ipam(&mut out, s.view, s.workloads, s.pending_releases);
 
         out.family(
             "tortie_datastore_ready",
@@ -493,7 +497,12 @@ impl Metrics {
     }
 }
 
-fn render_ipam(out: &mut Exposition, view: &ClusterView, workloads: usize) {
+fn render_ipam(
+    out: &mut Exposition,
+    view: &ClusterView,
+    workloads: usize,
+    pending_releases: usize,
+) {
     out.family(
         "tortie_ipam_blocks_owned",
         "gauge",
@@ -532,6 +541,12 @@ fn render_ipam(out: &mut Exposition, view: &ClusterView, workloads: usize) {
     }
     out.family("tortie_workloads", "gauge", "Pods networked on this node.");
     out.sample("tortie_workloads", &[], workloads as u64);
+    out.family(
+        "tortie_ipam_pending_releases",
+        "gauge",
+        "Pod address releases the CNI DEL was answered for, not yet written to the API server.",
+    );
+    out.sample("tortie_ipam_pending_releases", &[], pending_releases as u64);
 }
 
 /// Symbolic name of the errnos a netlink write can meet; others as their number.
@@ -726,6 +741,7 @@ mod tests {
             dataplane: dp,
             peers,
             workloads: 2,
+            pending_releases: 3,
             ready: true,
             datastore_ready: true,
             watch_restarts: 7,
@@ -944,6 +960,10 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(find(&samples, "tortie_workloads", &[]), Some(2.0));
+        assert_eq!(
+            find(&samples, "tortie_ipam_pending_releases", &[]),
+            Some(3.0)
+        );
         assert_eq!(
             find(&samples, "tortie_datastore_watch_restarts_total", &[]),
             Some(7.0)
@@ -1307,6 +1327,7 @@ mod tests {
             dataplane: &dp,
             peers: &[],
             workloads: 0,
+            pending_releases: 0,
             ready: false,
             datastore_ready: false,
             watch_restarts: 0,

@@ -1,5 +1,6 @@
 //! IPAM per pod through the real API server: the CNI plugin's Assign and Release requests to a
-//! running agent (affine block with room), p50/p99 and API writes per pod, beside the API
+//! running agent (affine block with room), p50/p99 as the runtime sees them, and API writes
+//! per pod, beside the API
 //! server's floor for two writes (create + delete of one small object) measured in the same run.
 
 use std::io::{BufRead, BufReader, Write};
@@ -166,6 +167,13 @@ fn main() {
         samples.push(total);
         per_pod.push((wall, assigned, total - assigned));
     }
+    // Releases are written before DEL is answered unless the API server is slow; none may be
+    // left deferred here.
+    let status = call(&socket, &serde_json::json!({"op":"status"}));
+    assert_eq!(
+        status["status"]["pending_releases"], 0,
+        "releases deferred during the bench: {status}"
+    );
     for ((name, pid), before) in processes.iter().zip(&cpu_before) {
         eprintln!(
             "CPU per pod: {name} {:.2} ms",

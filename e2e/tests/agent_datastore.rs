@@ -99,11 +99,12 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
     wait_remote_block_route(&c, "a1");
     let pa = c.add_pod("a1", "client").unwrap();
     let pb = c.add_pod("b1", "server").unwrap();
+    let leaver = c.add_pod("a1", "leaver").unwrap();
+    let leaver_handle = format!("k8s-pod-network.{}", leaver.container_id);
     wait_for("pods reach each other", Duration::from_secs(20), || {
         Ok(pa.ns.ping_once(&pb.ip.to_string(), 200).then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
-    let before = route_table(&c, "a1");
     c.api.stop_apiserver();
     wait_for(
         "a1 reports not ready while the API is away",
@@ -111,6 +112,12 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
         || Ok((c.status("a1")?["ready"] == false).then_some(())),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    // A pod deleted while the API is away: the DEL succeeds (the runtime need not retry and
+    // the pod does not hang in Terminating); its address release waits, recorded, for the API.
+    c.del_pod(&leaver)
+        .unwrap_or_else(|e| panic!("CNI DEL during the API outage: {e:#}\n{}", c.logs()));
+    assert_eq!(c.status("a1").unwrap()["pending_releases"], 1);
+    let before = route_table(&c, "a1");
     // Through the outage (60 s, as an apiserver failover may take; TORTIE_E2E_OUTAGE_SECS
     // shortens it for local runs) the kernel keeps every route and pod traffic keeps flowing.
     let secs: u32 = std::env::var("TORTIE_E2E_OUTAGE_SECS")
@@ -160,6 +167,21 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
         || Ok((c.status("a1")?["ready"] == true).then_some(())),
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    wait_for(
+        "the release recorded during the outage reaches the API server",
+        Duration::from_secs(30),
+        || {
+            let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"])?;
+            let pending = c.status("a1")?["pending_releases"].as_u64();
+            Ok((!handles.contains(&leaver_handle) && pending == Some(0)).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    let blocks = c.kubectl(&["get", "ipamblocks", "-o", "json"]).unwrap();
+    assert!(
+        !blocks.contains(&leaver.container_id),
+        "the deleted pod's allocation is still in a block: {blocks}"
+    );
     c.kubectl(&[
         "patch",
         "ippool",

@@ -231,9 +231,10 @@ fn pods_reach_each_other_in_every_mode_and_live_switches_reroute() {
     for p in [&p_a1, &q_a1, &p_a2, &p_b1] {
         c.del_pod(p).unwrap();
     }
-    let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"]).unwrap();
-    assert!(
-        !handles.contains("k8s-pod-network"),
-        "pod handles left after DEL: {handles}"
-    );
+    // DEL is answered once the release is recorded; the API server has it moments later.
+    wait_for("every pod handle released", Duration::from_secs(10), || {
+        let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"])?;
+        Ok((!handles.contains("k8s-pod-network")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("pod handles left after DEL: {e:#}"));
 }

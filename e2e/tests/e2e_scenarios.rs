@@ -188,11 +188,12 @@ fn pod_churn_never_duplicates_and_leaves_nothing_behind() {
         started.elapsed(),
         seen.len()
     );
-    let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"]).unwrap();
-    assert!(
-        !handles.contains("k8s-pod-network"),
-        "allocations left after every pod was deleted: {handles}"
-    );
+    // DEL is answered once the release is recorded; the API server has it moments later.
+    wait_for("every pod handle released", Duration::from_secs(10), || {
+        let handles = c.kubectl(&["get", "ipamhandles", "-o", "name"])?;
+        Ok((!handles.contains("k8s-pod-network")).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("allocations left after every pod was deleted: {e:#}"));
     for n in nodes {
         let ns = &c.topo.node(n).ns;
         wait_for(
