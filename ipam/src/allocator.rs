@@ -662,10 +662,12 @@ impl<S: Store> Ipam<S> {
         node: &str,
         fam: u8,
     ) -> Result<Vec<(IpNet, AffinityState)>, IpamError> {
-        let affs = self.store.list::<BlockAffinity>().await?;
+        let affs = self
+            .store
+            .list_where(|a: &BlockAffinity| a.spec.node == node)
+            .await?;
         let mut out: Vec<(IpNet, AffinityState)> = affs
             .into_iter()
-            .filter(|a| a.spec.node == node)
             .map(|mut a| {
                 // Calico marks an affinity deleted just before deleting it.
                 if a.spec.deleted == "true" {
@@ -684,10 +686,13 @@ impl<S: Store> Ipam<S> {
 
     /// Blocks confirmed affine to `node`, both families: what the node advertises over BGP.
     pub async fn host_blocks(&self, node: &str) -> Result<Vec<IpNet>, IpamError> {
-        let affs = self.store.list::<BlockAffinity>().await?;
+        let affs = self
+            .store
+            .list_where(|a: &BlockAffinity| a.spec.node == node)
+            .await?;
         let mut out: Vec<IpNet> = affs
             .iter()
-            .filter(|a| a.spec.node == node && a.spec.state == AffinityState::Confirmed)
+            .filter(|a| a.spec.state == AffinityState::Confirmed)
             .filter(|a| a.spec.deleted != "true")
             .filter_map(|a| a.spec.cidr.parse().ok())
             .collect();
@@ -1239,12 +1244,11 @@ impl<S: Store> Ipam<S> {
     async fn release_by_handle_inner(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
         // Every allocation names its handle in the block, so the blocks (a cached list in the
         // agent) say where the handle's addresses are without reading the handle.
-        let blocks = self.store.list::<IpamBlock>().await?;
-        let done: BTreeSet<IpNet> = blocks
-            .iter()
-            .filter(|b| b.spec.holds_handle(handle_id))
-            .filter_map(|b| b.spec.parsed_cidr())
-            .collect();
+        let blocks = self
+            .store
+            .list_where(|b: &IpamBlock| b.spec.holds_handle(handle_id))
+            .await?;
+        let done: BTreeSet<IpNet> = blocks.iter().filter_map(|b| b.spec.parsed_cidr()).collect();
         if done.is_empty() {
             // Nothing of it in the blocks as this store sees them: the handle, if any, says
             // where to look (and a DEL of an unknown container costs one read).

@@ -94,6 +94,19 @@ pub trait Store: Send + Sync {
     /// Reads every object of a kind.
     fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send;
 
+    /// The objects of a kind for which `keep` holds. The default lists everything and filters;
+    /// a store holding its objects in a cache filters before copying any.
+    fn list_where<K: Resource>(
+        &self,
+        keep: impl Fn(&K) -> bool + Send,
+    ) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
+        async move {
+            let mut all = self.list::<K>().await?;
+            all.retain(|k| keep(k));
+            Ok(all)
+        }
+    }
+
     /// Creates an object (its `resourceVersion` is ignored); returns it as stored, with its revision.
     fn create<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send;
 
@@ -147,6 +160,12 @@ impl<T: Store> Store for Arc<T> {
     }
     fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
         (**self).list()
+    }
+    fn list_where<K: Resource>(
+        &self,
+        keep: impl Fn(&K) -> bool + Send,
+    ) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
+        (**self).list_where(keep)
     }
     fn create<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send {
         (**self).create(obj)

@@ -20,19 +20,22 @@ type AnyObject = Arc<dyn Any + Send + Sync>;
 /// A watch cache seen through its kind's erased type, so the generic `Store` methods can pick
 /// the one for `K::KIND` and downcast what it returns.
 trait KindCache: Send + Sync {
-    /// The current complete view by name, or `None` before the first list arrived.
-    fn view(&self) -> Option<BTreeMap<String, AnyObject>>;
+    /// The objects of the current complete view for which `keep` holds, by name, or `None`
+    /// before the first list arrived.
+    fn view_where(&self, keep: &dyn Fn(&AnyObject) -> bool) -> Option<BTreeMap<String, AnyObject>>;
     /// One object of the current view (`Some(None)`: not there), or `None` before the first list.
     fn lookup(&self, name: &str) -> Option<Option<AnyObject>>;
 }
 
 impl<T: Resource> KindCache for watch::Receiver<Arc<Snapshot<T>>> {
-    fn view(&self) -> Option<BTreeMap<String, AnyObject>> {
+    fn view_where(&self, keep: &dyn Fn(&AnyObject) -> bool) -> Option<BTreeMap<String, AnyObject>> {
         let snap = self.borrow();
         snap.synced.then(|| {
             snap.objects
                 .iter()
-                .map(|(name, obj)| (name.clone(), obj.clone() as AnyObject))
+                .map(|(name, obj)| (name, obj.clone() as AnyObject))
+                .filter(|(_, obj)| keep(obj))
+                .map(|(name, obj)| (name.clone(), obj))
                 .collect()
         })
     }
@@ -162,9 +165,9 @@ impl KubeIpamStore {
 
     /// Every `K` from the cache with this agent's pending writes applied, or `None` when the
     /// API server must answer instead.
-    fn cached_list<K: Resource>(&self) -> Option<Vec<K>> {
+    fn cached_list<K: Resource>(&self, keep: impl Fn(&K) -> bool) -> Option<Vec<K>> {
         let cache = self.caches.get(K::KIND)?;
-        let view = cache.view()?;
+        let view = cache.view_where(&|obj| obj.downcast_ref::<K>().is_some_and(&keep))?;
         let overlay = self.overlay();
         let mut out: BTreeMap<String, K> = BTreeMap::new();
         for (name, obj) in &view {
@@ -176,9 +179,13 @@ impl KubeIpamStore {
             if *kind != K::KIND {
                 continue;
             }
-            match newest(out.get(name), Some(w))? {
-                (Some(k), _) => out.insert(name.clone(), k),
-                (None, _) => out.remove(name),
+            // The cached copy may have been filtered out: compare with the unfiltered one.
+            let cached = cache
+                .lookup(name)?
+                .and_then(|o| o.downcast_ref::<K>().cloned());
+            match newest(cached.as_ref(), Some(w))? {
+                (Some(k), _) if keep(&k) => out.insert(name.clone(), k),
+                _ => out.remove(name),
             };
         }
         Some(out.into_values().collect())
@@ -258,9 +265,13 @@ async fn timed<T>(
 
 fn to_dynamic<K: Resource>(obj: &K) -> Result<DynamicObject, StoreError> {
     let name = obj.metadata().name.clone();
-    serde_json::to_value(obj)
+    let mut dynamic: DynamicObject = serde_json::to_value(obj)
         .and_then(serde_json::from_value)
-        .map_err(|e| other::<K>(&name, format!("encoding: {e}")))
+        .map_err(|e| other::<K>(&name, format!("encoding: {e}")))?;
+    // Sent back, the API server would decode and check them on every write; left out, it
+    // keeps and updates its own record of field ownership.
+    dynamic.metadata.managed_fields = None;
+    Ok(dynamic)
 }
 
 fn from_dynamic<K: Resource>(obj: DynamicObject) -> Result<K, StoreError> {
@@ -319,7 +330,14 @@ impl Store for KubeIpamStore {
     }
 
     async fn list<K: Resource>(&self) -> Result<Vec<K>, StoreError> {
-        if let Some(cached) = self.cached_list::<K>() {
+        self.list_where(|_: &K| true).await
+    }
+
+    async fn list_where<K: Resource>(
+        &self,
+        keep: impl Fn(&K) -> bool + Send,
+    ) -> Result<Vec<K>, StoreError> {
+        if let Some(cached) = self.cached_list::<K>(&keep) {
             return Ok(cached);
         }
         let api = self.api::<K>();
@@ -330,7 +348,13 @@ impl Store for KubeIpamStore {
         let list = timed(K::KIND, "list", "", api.list(&params))
             .await
             .map_err(|e| map_err::<K>("", e))?;
-        list.items.into_iter().map(from_dynamic).collect()
+        let mut all: Vec<K> = list
+            .items
+            .into_iter()
+            .map(from_dynamic)
+            .collect::<Result<_, _>>()?;
+        all.retain(|k| keep(k));
+        Ok(all)
     }
 
     async fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
@@ -471,10 +495,10 @@ mod tests {
         let (tx, rx) = watch::channel(snapshot(&[block("5", "n1")], false));
         let s = store(rx);
         assert!(cached_rev(&s).is_none());
-        assert!(s.cached_list::<IpamBlock>().is_none());
+        assert!(s.cached_list::<IpamBlock>(|_| true).is_none());
         tx.send(snapshot(&[block("5", "n1")], true)).unwrap();
         assert_eq!(cached_rev(&s), Some(Ok("5".into())));
-        assert_eq!(s.cached_list::<IpamBlock>().unwrap().len(), 1);
+        assert_eq!(s.cached_list::<IpamBlock>(|_| true).unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -482,7 +506,7 @@ mod tests {
         let (_tx, rx) = watch::channel(snapshot(&[], true));
         let s = store(rx);
         assert!(s.cached_get::<tortie_ipam::IpamHandle>("h").is_none());
-        assert!(s.cached_list::<tortie_ipam::IpamHandle>().is_none());
+        assert!(s.cached_list::<tortie_ipam::IpamHandle>(|_| true).is_none());
     }
 
     #[tokio::test]
@@ -491,12 +515,39 @@ mod tests {
         let s = store(rx);
         s.remember_stored(&block("7", "n1"));
         assert_eq!(cached_rev(&s), Some(Ok("7".into())));
-        let listed = s.cached_list::<IpamBlock>().unwrap();
+        let listed = s.cached_list::<IpamBlock>(|_| true).unwrap();
         assert_eq!(listed[0].metadata.resource_version.as_deref(), Some("7"));
         // Someone else's later write reaches the cache: it wins and our copy is dropped.
         tx.send(snapshot(&[block("9", "n2")], true)).unwrap();
         assert_eq!(cached_rev(&s), Some(Ok("9".into())));
         assert!(s.overlay().written.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_filtered_list_applies_the_filter_to_own_writes_too() {
+        let affine_to = |node: &'static str| {
+            move |b: &IpamBlock| b.spec.affinity.as_deref() == Some(&format!("host:{node}"))
+        };
+        let (_tx, rx) = watch::channel(snapshot(&[block("5", "n1")], true));
+        let s = store(rx);
+        assert_eq!(
+            s.cached_list::<IpamBlock>(affine_to("n1")).unwrap().len(),
+            1
+        );
+        assert!(
+            s.cached_list::<IpamBlock>(affine_to("n2"))
+                .unwrap()
+                .is_empty()
+        );
+        // Our own write moves the block to n2 before the watch shows it.
+        s.remember_stored(&block("7", "n2"));
+        assert!(
+            s.cached_list::<IpamBlock>(affine_to("n1"))
+                .unwrap()
+                .is_empty()
+        );
+        let n2 = s.cached_list::<IpamBlock>(affine_to("n2")).unwrap();
+        assert_eq!(n2[0].metadata.resource_version.as_deref(), Some("7"));
     }
 
     #[tokio::test]
@@ -517,7 +568,7 @@ mod tests {
             cached_rev(&s),
             Some(Err(StoreError::NotFound { .. }))
         ));
-        assert!(s.cached_list::<IpamBlock>().unwrap().is_empty());
+        assert!(s.cached_list::<IpamBlock>(|_| true).unwrap().is_empty());
         tx.send(snapshot(&[block("12", "n2")], true)).unwrap();
         assert_eq!(cached_rev(&s), Some(Ok("12".into())));
     }
@@ -541,6 +592,6 @@ mod tests {
         assert_eq!(cached_rev(&s), Some(Ok("abc".into())));
         s.remember::<IpamBlock>(NAME, Some(&block("7", "n1")), 7);
         assert!(cached_rev(&s).is_none());
-        assert!(s.cached_list::<IpamBlock>().is_none());
+        assert!(s.cached_list::<IpamBlock>(|_| true).is_none());
     }
 }
