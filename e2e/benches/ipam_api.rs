@@ -48,6 +48,15 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Other nodes' blocks in the datastore during the run; `TORTIE_BENCH_FOREIGN_BLOCKS`
+/// overrides.
+fn foreign_blocks() -> usize {
+    std::env::var("TORTIE_BENCH_FOREIGN_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p / 100.0).round() as usize]
 }
@@ -134,6 +143,46 @@ fn main() {
         .unwrap()
         .expect("kube binaries (make deps)");
     c.wait_ready(Duration::from_secs(60)).unwrap();
+    // Other nodes' blocks, as in a large cluster: the agent's caches, its release scan and
+    // its recompute on every block event all see them.
+    let foreign = foreign_blocks();
+    if foreign > 0 {
+        let t = Instant::now();
+        let mut items = Vec::new();
+        for i in 0..foreign {
+            let cidr = format!("10.244.{}.{}/26", i / 4, (i % 4) * 64);
+            let name = cidr.replace(['.', '/'], "-");
+            let node = format!("ghost-{i}");
+            items.push(serde_json::json!({
+                "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+                "metadata": {"name": name},
+                "spec": {"cidr": cidr, "affinity": format!("host:{node}"),
+                         "allocations": vec![serde_json::Value::Null; 64],
+                         "unallocated": (0..64).collect::<Vec<u32>>(),
+                         "attributes": [], "strictAffinity": false}
+            }));
+            items.push(serde_json::json!({
+                "apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity",
+                "metadata": {"name": format!("{node}-{name}")},
+                "spec": {"cidr": cidr, "node": node, "state": "confirmed", "deleted": "false"}
+            }));
+        }
+        // kubectl's client-side schema check rejects the null allocations the API server takes.
+        let file =
+            std::env::temp_dir().join(format!("tortie-bench-blocks-{}.json", std::process::id()));
+        std::fs::write(
+            &file,
+            serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string(),
+        )
+        .unwrap();
+        c.kubectl(&["create", "--validate=false", "-f", &file.to_string_lossy()])
+            .expect("create the other nodes' blocks");
+        let _ = std::fs::remove_file(&file);
+        eprintln!(
+            "{foreign} other nodes' blocks and affinities created in {:?}",
+            t.elapsed()
+        );
+    }
     let socket = c.agent("n1").run_dir().join("tortie.sock");
     // Warm-up claims the node's block, so every measured pod finds an affine block with room.
     let warm = serde_json::json!({"op":"assign","container_id":"warm","namespace":"default","pod":"warm","ipv4":true,"ipv6":false});
