@@ -685,6 +685,7 @@ impl Agent {
             &self.view,
             &self.dataplane.counters(),
             &self.routing.status(),
+            self.routing.refused_connections(),
             self.workloads.len(),
             self.releases.pending_count(),
             ready,

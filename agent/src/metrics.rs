@@ -37,6 +37,7 @@ pub fn render(
     view: &ClusterView,
     dp: &Counters,
     peers: &serde_json::Value,
+    bgp_refused_connections: u64,
     workloads: usize,
     pending_releases: usize,
     ready: bool,
@@ -45,6 +46,7 @@ pub fn render(
         view,
         dataplane: dp,
         peers: &PeerFigures::from_status(peers),
+        bgp_refused_connections,
         workloads,
         pending_releases,
         ready,
@@ -62,6 +64,8 @@ pub struct Snapshot<'a> {
     pub view: &'a ClusterView,
     pub dataplane: &'a Counters,
     pub peers: &'a [PeerFigures],
+    /// BGP connections refused: from an address that is no configured peer.
+    pub bgp_refused_connections: u64,
     pub workloads: usize,
     /// Pod address releases answered to the CNI but not yet written to the API server.
     pub pending_releases: usize,
@@ -264,6 +268,16 @@ impl Metrics {
         out.sample("tortie_ready", &[], u64::from(s.ready));
 
         self.render_bgp(&mut out, s.peers);
+        out.family(
+            "tortie_bgp_refused_connections_total",
+            "counter",
+            "BGP connections refused because they came from an address that is no configured peer.",
+        );
+        out.sample(
+            "tortie_bgp_refused_connections_total",
+            &[],
+            s.bgp_refused_connections,
+        );
         self.render_dataplane(&mut out, dp);
         render_ipam(&mut out, s.view, s.workloads, s.pending_releases);
 
@@ -740,6 +754,7 @@ mod tests {
             view,
             dataplane: dp,
             peers,
+            bgp_refused_connections: 4,
             workloads: 2,
             pending_releases: 3,
             ready: true,
@@ -961,6 +976,10 @@ mod tests {
         );
         assert_eq!(find(&samples, "tortie_workloads", &[]), Some(2.0));
         assert_eq!(
+            find(&samples, "tortie_bgp_refused_connections_total", &[]),
+            Some(4.0)
+        );
+        assert_eq!(
             find(&samples, "tortie_ipam_pending_releases", &[]),
             Some(3.0)
         );
@@ -1123,7 +1142,8 @@ mod tests {
         render_with(&mut m, &v, &dp, &[peer("10.0.0.2", "Idle", 0.0)]);
         let (s, types) = parse(&render_with(&mut m, &v, &dp, &[]));
         assert!(
-            s.iter().all(|x| !x.name.starts_with("tortie_bgp")),
+            s.iter()
+                .all(|x| !x.name.starts_with("tortie_bgp") || !x.labels.contains_key("peer")),
             "no peer series left"
         );
         assert!(
@@ -1326,6 +1346,7 @@ mod tests {
             view: &v,
             dataplane: &dp,
             peers: &[],
+            bgp_refused_connections: 0,
             workloads: 0,
             pending_releases: 0,
             ready: false,

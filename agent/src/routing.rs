@@ -37,6 +37,9 @@ pub struct Routing {
     plans: BTreeMap<IpAddr, PeerPlan>,
     advertised: BTreeSet<IpNet>,
     all_established_since: Option<Instant>,
+    /// Connections refused by speakers since replaced (AS or router id changes), so the
+    /// counter never goes back.
+    refused_by_earlier_speakers: u64,
 }
 
 impl Routing {
@@ -63,6 +66,7 @@ impl Routing {
             plans: BTreeMap::new(),
             advertised: BTreeSet::new(),
             all_established_since: None,
+            refused_by_earlier_speakers: 0,
         })
     }
 
@@ -105,6 +109,7 @@ impl Routing {
         if self.speaker.as_ref().map(|(_, c)| c) != Some(&want) {
             if let Some((old, _)) = self.speaker.take() {
                 info!("BGP identity changed; restarting the speaker");
+                self.refused_by_earlier_speakers += old.refused_connections();
                 old.shutdown().await;
             }
             match Speaker::start(want.clone()).await {
@@ -278,6 +283,16 @@ impl Routing {
         }
         let since = *self.all_established_since.get_or_insert_with(Instant::now);
         status.is_empty() || since.elapsed() >= Duration::from_secs(1)
+    }
+
+    /// BGP connections refused since the agent started: they came from an address that is no
+    /// configured peer (a node missing from the mesh, a ToR without a BGPPeer).
+    pub fn refused_connections(&self) -> u64 {
+        self.refused_by_earlier_speakers
+            + self
+                .speaker
+                .as_ref()
+                .map_or(0, |(s, _)| s.refused_connections())
     }
 
     pub fn status(&self) -> serde_json::Value {

@@ -267,6 +267,24 @@ fn metrics_report_peers_routes_latency_and_ipam_of_a_live_cluster() {
         },
     );
 
+    // A BGP connection from an address that is no peer (the router): refused and counted.
+    equals(&s, "tortie_bgp_refused_connections_total", &[], 0.0).unwrap();
+    let m1 = std::net::SocketAddr::from((c.topo.node("m1").addr, 179));
+    c.topo
+        .router
+        .as_ref()
+        .expect("the cluster's router")
+        .ns
+        .enter(move || std::net::TcpStream::connect_timeout(&m1, Duration::from_secs(2)))
+        .unwrap()
+        .expect("TCP connect to m1:179 (accepted, then closed as no peer)");
+    wait_scrape(
+        &c,
+        "m1",
+        "m1 counts the refused BGP connection",
+        Duration::from_secs(10),
+        |s| equals(s, "tortie_bgp_refused_connections_total", &[], 1.0),
+    );
     equals(
         &s,
         "tortie_build_info",
