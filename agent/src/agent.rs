@@ -155,6 +155,8 @@ struct Agent {
     nat: Option<dp::nat::NatOutgoing>,
     last_nat: Option<dp::nat::NatInputs>,
     ticks: u64,
+    /// What the CNI config on disk says (MTU, families), once written.
+    cni_config_written: Option<(u32, crate::cni::PodFamilies)>,
 }
 
 /// How long an ADD waits for a pending release of its own handle before failing (the runtime
@@ -241,6 +243,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
         last_nat: None,
         ticks: 0,
+        cni_config_written: None,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -643,6 +646,9 @@ impl Agent {
         }
         self.view = view;
         self.maybe_complete(caches).await;
+        if self.complete {
+            self.write_cni_config();
+        }
     }
 
     /// Makes tortie's nftables table match the pools (level-triggered; a no-op writes nothing).
@@ -697,6 +703,48 @@ impl Agent {
 
     /// Once every cache has listed and BGP has converged (End-of-RIB from every peer, or the
     /// startup grace ran out), the desired state is complete: stale routes may go, pods may come.
+    fn pod_families(&self) -> crate::cni::PodFamilies {
+        let pool_of = |fam: u8| {
+            self.view
+                .pools
+                .valid
+                .iter()
+                .any(|p| p.family() == fam && !p.disabled)
+        };
+        crate::cni::PodFamilies::of_node(
+            self.node.addr_v4.is_some(),
+            self.node.addr_v6.is_some(),
+            pool_of(4),
+            pool_of(6),
+        )
+    }
+
+    /// Writes the CNI config for what the node serves now; once complete, again whenever the
+    /// MTU or the pod address families change (an IPv6 pool added to an IPv4 cluster).
+    fn write_cni_config(&mut self) {
+        let wanted = (self.mtu(), self.pod_families());
+        if self.cni_config_written == Some(wanted) {
+            return;
+        }
+        match crate::cni::write_conflist(
+            &self.cfg.cni_conf_dir,
+            wanted.0,
+            &self.cfg.run_dir,
+            wanted.1,
+        ) {
+            Ok(()) => {
+                info!(
+                    mtu = wanted.0,
+                    ipv4 = wanted.1.ipv4,
+                    ipv6 = wanted.1.ipv6,
+                    "CNI config written"
+                );
+                self.cni_config_written = Some(wanted);
+            }
+            Err(e) => error!(error = %e, "writing the CNI config failed"),
+        }
+    }
+
     async fn maybe_complete(&mut self, caches: &Caches) {
         if self.complete || !caches.synced() {
             return;
@@ -709,11 +757,7 @@ impl Agent {
         self.dataplane.mark_complete();
         info!(after = ?self.started.elapsed(), "desired state complete; stale routes may now be removed");
         let _ = self.ready_tx.send(true);
-        if let Err(e) =
-            crate::cni::write_conflist(&self.cfg.cni_conf_dir, self.mtu(), &self.cfg.run_dir)
-        {
-            error!(error = %e, "writing the CNI config failed");
-        }
+        self.write_cni_config();
         if !self.network_up_reported {
             match bootstrap::set_network_unavailable(&self.client, &self.node.name, false).await {
                 Ok(()) => self.network_up_reported = true,
