@@ -294,7 +294,10 @@ impl Agent {
 
     fn mtu(&self) -> u32 {
         let encap = self.view.pools.valid.iter().fold(0, |acc, p| {
-            let o = if p.vxlan_mode.is_enabled() {
+            // A pod's veth has one MTU for both families: the largest overhead in use wins.
+            let o = if p.vxlan_mode.is_enabled() && p.family() == 6 {
+                dp::VXLAN_V6_OVERHEAD
+            } else if p.vxlan_mode.is_enabled() {
                 dp::VXLAN_V4_OVERHEAD
             } else if p.ipip_mode.is_enabled() {
                 dp::IPIP_OVERHEAD
@@ -579,6 +582,10 @@ impl Agent {
                         me.vxlan_tunnel_addr = t.vxlan.and_then(|a| match a {
                             IpAddr::V4(v4) => Some(v4),
                             IpAddr::V6(_) => None,
+                        });
+                        me.vxlan_tunnel_addr_v6 = t.vxlan_v6.and_then(|a| match a {
+                            IpAddr::V6(v6) => Some(v6),
+                            IpAddr::V4(_) => None,
                         });
                     }
                 }

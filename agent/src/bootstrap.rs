@@ -218,10 +218,11 @@ fn pool_spec(p: &DefaultPool) -> IpPoolSpec {
 pub struct TunnelAddrs {
     pub ipip: Option<IpAddr>,
     pub vxlan: Option<IpAddr>,
+    pub vxlan_v6: Option<IpAddr>,
 }
 
-/// Allocates or frees the IPIP and VXLAN tunnel addresses (Calico's allocate-tunnel-addrs) and
-/// writes them, with the VTEP MAC, into the Node's annotations.
+/// Allocates or frees the IPIP, VXLAN and IPv6 VXLAN tunnel addresses (Calico's
+/// allocate-tunnel-addrs) and writes them, with the VTEP MACs, into the Node's annotations.
 pub async fn sync_tunnel_addresses(
     client: &Client,
     ipam: &Ipam<KubeIpamStore>,
@@ -235,6 +236,17 @@ pub async fn sync_tunnel_addresses(
         .ensure_tunnel_address(&node.name, &node.labels, TunnelKind::Vxlan)
         .await
         .context("allocating the VXLAN tunnel address")?;
+    // Calico gives a node an IPv6 VTEP only when it has an IPv6 address to carry it.
+    let vxlan_v6 = if node.addr_v6.is_some() {
+        ipam.ensure_tunnel_address(&node.name, &node.labels, TunnelKind::VxlanV6)
+            .await
+            .context("allocating the IPv6 VXLAN tunnel address")?
+    } else {
+        ipam.release_by_handle(&TunnelKind::VxlanV6.handle_id(&node.name))
+            .await
+            .context("releasing the IPv6 VXLAN tunnel address")?;
+        None
+    };
     let mut ann = serde_json::Map::new();
     let value = |a: Option<IpAddr>| {
         a.map(|a| json!(a.to_string()))
@@ -251,8 +263,22 @@ pub async fn sync_tunnel_addresses(
         annotations::VXLAN_TUNNEL_MAC.into(),
         mac.unwrap_or(serde_json::Value::Null),
     );
+    ann.insert(annotations::IPV6_VXLAN_TUNNEL_ADDR.into(), value(vxlan_v6));
+    let mac_v6 = vxlan_v6.map(|_| {
+        json!(tortie_dataplane::format_mac(
+            &tortie_dataplane::vtep_mac_for(&node.name, true)
+        ))
+    });
+    ann.insert(
+        annotations::VXLAN_TUNNEL_MAC_V6.into(),
+        mac_v6.unwrap_or(serde_json::Value::Null),
+    );
     patch_annotations(&Api::all(client.clone()), &node.name, ann).await?;
-    Ok(TunnelAddrs { ipip, vxlan })
+    Ok(TunnelAddrs {
+        ipip,
+        vxlan,
+        vxlan_v6,
+    })
 }
 
 /// Sets the Node's `NetworkUnavailable` condition, as Calico does (reason `CalicoIsUp` when

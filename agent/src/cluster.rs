@@ -21,6 +21,8 @@ pub struct NodeInfo {
     pub ipip_tunnel_addr: Option<Ipv4Addr>,
     pub vxlan_tunnel_addr: Option<Ipv4Addr>,
     pub vxlan_mac: Option<[u8; 6]>,
+    pub vxlan_tunnel_addr_v6: Option<Ipv6Addr>,
+    pub vxlan_mac_v6: Option<[u8; 6]>,
     pub as_number: Option<u32>,
     pub rr_cluster_id: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -83,6 +85,18 @@ impl NodeInfo {
         if let Some((k, v)) = field(annotations::VXLAN_TUNNEL_MAC) {
             match parse_mac(v) {
                 Some(m) => info.vxlan_mac = Some(m),
+                None => bad(k, format!("{v:?} is not a MAC address")),
+            }
+        }
+        if let Some((k, v)) = field(annotations::IPV6_VXLAN_TUNNEL_ADDR) {
+            match v.parse() {
+                Ok(a) => info.vxlan_tunnel_addr_v6 = Some(a),
+                Err(e) => bad(k, format!("{v:?}: {e}")),
+            }
+        }
+        if let Some((k, v)) = field(annotations::VXLAN_TUNNEL_MAC_V6) {
+            match parse_mac(v) {
+                Some(m) => info.vxlan_mac_v6 = Some(m),
                 None => bad(k, format!("{v:?} is not a MAC address")),
             }
         }
@@ -207,6 +221,15 @@ impl ClusterView {
                     mac,
                 });
             }
+            if let (Some(tun), Some(mac), Some(addr)) =
+                (node.vxlan_tunnel_addr_v6, node.vxlan_mac_v6, node.addr_v6)
+            {
+                vteps.push(dp::RemoteVtep {
+                    node_ip: IpAddr::V6(addr.addr()),
+                    tunnel_addr: IpAddr::V6(tun),
+                    mac,
+                });
+            }
             for block in self.blocks_of(name) {
                 let node_ip = match block {
                     IpNet::V4(_) => node.addr_v4.map(|a| IpAddr::V4(a.addr())),
@@ -248,7 +271,7 @@ impl ClusterView {
             uplink_mtu,
             ipip_tunnel_addr: me.and_then(|n| n.ipip_tunnel_addr),
             vxlan_tunnel_addr_v4: me.and_then(|n| n.vxlan_tunnel_addr),
-            vxlan_tunnel_addr_v6: None,
+            vxlan_tunnel_addr_v6: me.and_then(|n| n.vxlan_tunnel_addr_v6),
             pools,
             workloads,
             owned_blocks: mine.into_iter().collect(),
@@ -511,6 +534,75 @@ mod tests {
         v.blocks
             .push(new_block("10.244.1.0/26".parse().unwrap(), Some("c")).into());
         v
+    }
+
+    #[test]
+    fn a_dual_stack_nodes_ipv6_vtep_and_our_ipv6_tunnel_address_reach_the_dataplane() {
+        let mut v = view();
+        v.me = "a".into();
+        let dual = |name: &str, v4: &str, v6: &str, tun6: &str, mac: &str| {
+            let ann = BTreeMap::from([
+                (annotations::IPV4_ADDRESS.to_owned(), v4.to_owned()),
+                (annotations::IPV6_ADDRESS.to_owned(), v6.to_owned()),
+                (
+                    annotations::IPV6_VXLAN_TUNNEL_ADDR.to_owned(),
+                    tun6.to_owned(),
+                ),
+                (annotations::VXLAN_TUNNEL_MAC_V6.to_owned(), mac.to_owned()),
+            ]);
+            let (n, errs) = NodeInfo::from_annotations(name, &ann, &BTreeMap::new());
+            assert!(errs.is_empty(), "{errs:?}");
+            n
+        };
+        v.nodes.insert(
+            "a".into(),
+            dual(
+                "a",
+                "10.77.0.10/24",
+                "fd77::a/64",
+                "fd00:5::1",
+                "66:00:00:00:00:0a",
+            ),
+        );
+        v.nodes.insert(
+            "b".into(),
+            dual(
+                "b",
+                "10.77.0.11/24",
+                "fd77::b/64",
+                "fd00:5::41",
+                "66:00:00:00:00:0b",
+            ),
+        );
+        let inputs = v.dataplane_inputs(vec![], &[], "eth0", 1500, None);
+        assert_eq!(
+            inputs.vxlan_tunnel_addr_v6,
+            Some("fd00:5::1".parse().unwrap())
+        );
+        let vtep6 = inputs
+            .remote_vteps
+            .iter()
+            .find(|t| t.tunnel_addr.is_ipv6())
+            .expect("b's IPv6 VTEP");
+        assert_eq!(vtep6.node_ip, "fd77::b".parse::<IpAddr>().unwrap());
+        assert_eq!(vtep6.tunnel_addr, "fd00:5::41".parse::<IpAddr>().unwrap());
+        assert_eq!(vtep6.mac, [0x66, 0, 0, 0, 0, 0x0b]);
+    }
+
+    #[test]
+    fn a_malformed_ipv6_vtep_annotation_is_reported_by_node_and_annotation() {
+        let ann = BTreeMap::from([(
+            annotations::IPV6_VXLAN_TUNNEL_ADDR.to_owned(),
+            "fd00::zz".to_owned(),
+        )]);
+        let (n, errs) = NodeInfo::from_annotations("b", &ann, &BTreeMap::new());
+        assert_eq!(n.vxlan_tunnel_addr_v6, None);
+        assert_eq!(errs.len(), 1);
+        let msg = errs[0].to_string();
+        assert!(
+            msg.contains("Node b") && msg.contains("projectcalico.org/IPv6VXLANTunnelAddr"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -219,6 +219,8 @@ pub enum TunnelKind {
     Ipip,
     /// VXLAN (`vxlan.calico`), handle `vxlan-tunnel-addr-<node>`.
     Vxlan,
+    /// IPv6 VXLAN (`vxlan-v6.calico`), handle `vxlan-v6-tunnel-addr-<node>`.
+    VxlanV6,
 }
 
 impl TunnelKind {
@@ -227,6 +229,7 @@ impl TunnelKind {
         match self {
             Self::Ipip => format!("ipip-tunnel-addr-{node}"),
             Self::Vxlan => format!("vxlan-tunnel-addr-{node}"),
+            Self::VxlanV6 => format!("vxlan-v6-tunnel-addr-{node}"),
         }
     }
 
@@ -234,13 +237,22 @@ impl TunnelKind {
         match self {
             Self::Ipip => attr::TYPE_IPIP_TUNNEL,
             Self::Vxlan => attr::TYPE_VXLAN_TUNNEL,
+            Self::VxlanV6 => attr::TYPE_VXLAN_V6_TUNNEL,
         }
     }
 
     fn pool_enables(self, pool: &Pool) -> bool {
         match self {
             Self::Ipip => pool.ipip_mode.is_enabled(),
-            Self::Vxlan => pool.vxlan_mode.is_enabled(),
+            Self::Vxlan | Self::VxlanV6 => pool.vxlan_mode.is_enabled(),
+        }
+    }
+
+    /// 4 or 6: the family of the address.
+    pub fn family(self) -> u8 {
+        match self {
+            Self::Ipip | Self::Vxlan => 4,
+            Self::VxlanV6 => 6,
         }
     }
 }
@@ -1637,7 +1649,7 @@ impl<S: Store> Ipam<S> {
 
     async fn release_node_inner(&self, node: &str) -> Result<NodeReleaseReport, IpamError> {
         let mut report = NodeReleaseReport::default();
-        for kind in [TunnelKind::Ipip, TunnelKind::Vxlan] {
+        for kind in [TunnelKind::Ipip, TunnelKind::Vxlan, TunnelKind::VxlanV6] {
             report
                 .released
                 .extend(self.release_by_handle(&kind.handle_id(node)).await?);
@@ -1695,8 +1707,8 @@ impl<S: Store> Ipam<S> {
         Ok(report)
     }
 
-    /// Ensures the node has a tunnel address of this kind from a pool with that encapsulation
-    /// enabled (IPv4) that selects the node, reusing its current one when still valid (also in a
+    /// Ensures the node has a tunnel address of this kind from a pool of its family with that
+    /// encapsulation enabled that selects the node, reusing its current one when still valid (also in a
     /// pool disabled since). Returns `None` (after releasing
     /// any old address) when no pool for this node enables it.
     pub async fn ensure_tunnel_address(
@@ -1710,7 +1722,7 @@ impl<S: Store> Ipam<S> {
         // A current address stays valid in a pool that was disabled since (existing assignments
         // survive disabling); a new one only comes from an enabled pool.
         let suitable = |p: &&Pool| {
-            p.family() == 4
+            p.family() == kind.family()
                 && kind.pool_enables(p)
                 && p.allowed_uses.contains(&AllowedUse::Tunnel)
                 && p.node_selector.matches(node_labels)
@@ -1745,13 +1757,13 @@ impl<S: Store> Ipam<S> {
             ]),
             node: node.to_string(),
             node_labels: node_labels.clone(),
-            num_v4: 1,
-            num_v6: 0,
+            num_v4: usize::from(kind.family() == 4),
+            num_v6: usize::from(kind.family() == 6),
             pools: usable.iter().map(|p| p.cidr).collect(),
             use_: Some(AllowedUse::Tunnel),
         };
         let assigned = self.auto_assign(&req).await?;
-        Ok(assigned.ipv4.first().copied())
+        Ok(assigned.ipv4.into_iter().chain(assigned.ipv6).next())
     }
 }
 

@@ -81,9 +81,14 @@ fn leaked(
             Some(_) => None,
         };
     }
-    let is_tunnel = secondary
-        .get(attr::TYPE)
-        .is_some_and(|t| t == attr::TYPE_IPIP_TUNNEL || t == attr::TYPE_VXLAN_TUNNEL);
+    let is_tunnel = secondary.get(attr::TYPE).is_some_and(|t| {
+        [
+            attr::TYPE_IPIP_TUNNEL,
+            attr::TYPE_VXLAN_TUNNEL,
+            attr::TYPE_VXLAN_V6_TUNNEL,
+        ]
+        .contains(&t.as_str())
+    });
     if is_tunnel
         && let Some(node) = secondary.get(attr::NODE)
         && !live.nodes.contains(node)

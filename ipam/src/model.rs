@@ -448,6 +448,8 @@ pub mod attr {
     pub const TYPE_IPIP_TUNNEL: &str = "ipipTunnelAddress";
     /// `type` value of a VXLAN tunnel address.
     pub const TYPE_VXLAN_TUNNEL: &str = "vxlanTunnelAddress";
+    /// `type` value of an IPv6 VXLAN tunnel address.
+    pub const TYPE_VXLAN_V6_TUNNEL: &str = "vxlanV6TunnelAddress";
 }
 
 /// Secondary attributes of a pod's allocation, as Calico's CNI plugin writes them.

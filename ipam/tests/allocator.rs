@@ -505,6 +505,57 @@ fn tunnel_addresses_use_calico_handles_and_are_stable() {
 }
 
 #[test]
+fn ipv6_vxlan_tunnel_address_comes_from_an_ipv6_vxlan_pool_under_calicos_handle() {
+    let mut vx4 = pool("vx4", "10.5.0.0/24", 26);
+    vx4.spec.vxlan_mode = Some("Always".into());
+    let mut vx6 = pool("vx6", "fd00:5::/120", 122);
+    vx6.spec.vxlan_mode = Some("Always".into());
+    let (store, ipam) = new_ipam(&[vx4, vx6], None);
+    assert_eq!(
+        TunnelKind::VxlanV6.handle_id("n1"),
+        "vxlan-v6-tunnel-addr-n1"
+    );
+    let v6 = run(
+        &store,
+        ipam.ensure_tunnel_address("n1", &labels(&[]), TunnelKind::VxlanV6),
+    )
+    .unwrap()
+    .unwrap();
+    assert!(net("fd00:5::/120").contains(&v6), "{v6}");
+    let v4 = run(
+        &store,
+        ipam.ensure_tunnel_address("n1", &labels(&[]), TunnelKind::Vxlan),
+    )
+    .unwrap()
+    .unwrap();
+    assert!(v4.is_ipv4());
+    let held = allocations(&store);
+    assert_eq!(
+        held.get(&v6).map(String::as_str),
+        Some("vxlan-v6-tunnel-addr-n1")
+    );
+    let block = store
+        .snapshot::<IpamBlock>()
+        .into_iter()
+        .find(|b| b.spec.cidr.starts_with("fd00"))
+        .unwrap();
+    let secondary = block
+        .spec
+        .attribute_at(0)
+        .unwrap()
+        .secondary
+        .clone()
+        .unwrap();
+    assert_eq!(
+        secondary.get(attr::TYPE).map(String::as_str),
+        Some(attr::TYPE_VXLAN_V6_TUNNEL)
+    );
+    // Released with the node, as the IPv4 ones.
+    let report = run(&store, ipam.release_node("n1")).unwrap();
+    assert!(report.released.contains(&v6) && report.released.contains(&v4));
+}
+
+#[test]
 fn pod_handles_are_calico_compatible() {
     assert_eq!(pod_handle_id("0123abcd"), "k8s-pod-network.0123abcd");
 }

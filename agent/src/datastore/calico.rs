@@ -110,6 +110,8 @@ pub mod annotations {
     pub const IPV4_IPIP_TUNNEL_ADDR: &str = "projectcalico.org/IPv4IPIPTunnelAddr";
     pub const IPV4_VXLAN_TUNNEL_ADDR: &str = "projectcalico.org/IPv4VXLANTunnelAddr";
     pub const VXLAN_TUNNEL_MAC: &str = "projectcalico.org/VXLANTunnelMACAddr";
+    pub const IPV6_VXLAN_TUNNEL_ADDR: &str = "projectcalico.org/IPv6VXLANTunnelAddr";
+    pub const VXLAN_TUNNEL_MAC_V6: &str = "projectcalico.org/VXLANTunnelMACAddrV6";
     pub const AS_NUMBER: &str = "projectcalico.org/ASNumber";
     pub const RR_CLUSTER_ID: &str = "projectcalico.org/RouteReflectorClusterID";
 }
