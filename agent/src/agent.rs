@@ -204,6 +204,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::spawn(crate::gc::run(
         client.clone(),
         ipam.clone(),
+        caches.nodes.clone(),
         crate::gc::GcConfig {
             identity: node.name.clone(),
             interval: Duration::from_secs(cfg.gc_interval_secs),
