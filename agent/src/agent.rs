@@ -437,24 +437,22 @@ impl Agent {
                         ipam.release_by_handle(&handle_id),
                     )
                     .await;
-                    let released = match inline {
-                        Ok(Ok(_)) => Reply::ok(),
-                        Ok(Err(e)) => match releases.enqueue(&handle_id) {
+                    let failure = match inline {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_elapsed) => Some(format!(
+                            "no answer from the API server within {INLINE_RELEASE_LIMIT:?}"
+                        )),
+                    };
+                    let released = match failure {
+                        None => Reply::ok(),
+                        Some(why) => match releases.enqueue(&handle_id) {
                             Ok(()) => {
-                                warn!(container = %container_id, error = %e, "address release deferred");
+                                warn!(container = %container_id, reason = %why, "address release deferred");
                                 Reply::ok()
                             }
                             Err(persist) => Reply::err(format!(
-                                "releasing {container_id}: {e}; and it could not be deferred: {persist}"
-                            )),
-                        },
-                        Err(_elapsed) => match releases.enqueue(&handle_id) {
-                            Ok(()) => {
-                                warn!(container = %container_id, limit = ?INLINE_RELEASE_LIMIT, "API server slow; address release deferred");
-                                Reply::ok()
-                            }
-                            Err(persist) => Reply::err(format!(
-                                "releasing {container_id}: no answer from the API server within {INLINE_RELEASE_LIMIT:?}, and it could not be deferred: {persist}"
+                                "releasing {container_id}: {why}; and it could not be deferred: {persist}"
                             )),
                         },
                     };
