@@ -7,6 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 packages=(
   iproute2 iputils-ping procps psmisc openssl nftables kmod
   bird2 frr gobgpd exabgp
+  nginx libnginx-mod-stream
   containernetworking-plugins
   qemu-system-x86 busybox-static cpio
 )
@@ -24,7 +25,7 @@ else
 fi
 
 # The packages' own services must not run in the root namespace: tests start their own.
-for svc in bird frr; do
+for svc in bird frr nginx; do
   pkill -x "$svc" 2>/dev/null || true
 done
 

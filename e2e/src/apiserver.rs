@@ -38,6 +38,8 @@ pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster
 
 const BINARIES: [&str; 3] = ["etcd", "kube-apiserver", "kubectl"];
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Debian's nginx (with libnginx-mod-stream), the balancer of [`TestApiServer::serve_behind_balancer`].
+const NGINX: &str = "/usr/sbin/nginx";
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(200);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 const LOG_TAIL_LINES: usize = 40;
@@ -102,6 +104,10 @@ pub struct TestApiServer {
     /// What the apiserver was started with, so [`TestApiServer::start_apiserver_again`] can
     /// bring it back on the same port and etcd.
     restart_with: Option<(ApiServerOptions, u16, u16)>,
+    /// A second kube-apiserver on the same etcd and the nginx balancing both
+    /// ([`TestApiServer::serve_behind_balancer`]), as two masters behind a VIP.
+    standby: Option<Child>,
+    balancer: Option<Child>,
 }
 
 impl std::fmt::Debug for TestApiServer {
@@ -165,6 +171,8 @@ impl TestApiServer {
             apiserver: None,
             time_to_ready: Duration::ZERO,
             restart_with: None,
+            standby: None,
+            balancer: None,
         };
         // From here on, Drop cleans up whatever was started if a step fails.
         let started = Instant::now();
@@ -182,7 +190,7 @@ impl TestApiServer {
         // The apiserver's etcd client backs off for about a second after a refused connect;
         // starting it once etcd listens makes the whole start-up faster.
         server.wait_etcd_listening(etcd_client_port, options.ready_timeout)?;
-        server.start_kube_apiserver(&options, etcd_client_port, port)?;
+        server.start_kube_apiserver(&options, etcd_client_port, port, "kube-apiserver.log")?;
         server.restart_with = Some((options.clone(), etcd_client_port, port));
         write_cert_kubeconfig(
             &server.admin_kubeconfig,
@@ -453,6 +461,7 @@ impl TestApiServer {
         options: &ApiServerOptions,
         etcd_port: u16,
         port: u16,
+        log_name: &str,
     ) -> Result<()> {
         let pki = self.dir.join("pki");
         let file = |name: &str| pki.join(name).display().to_string();
@@ -490,7 +499,7 @@ impl TestApiServer {
             .arg("--endpoint-reconciler-type=none")
             .arg("--v=1")
             .args(&options.extra_apiserver_args);
-        self.apiserver = Some(self.spawn_logged(command, "kube-apiserver.log")?);
+        self.apiserver = Some(self.spawn_logged(command, log_name)?);
         Ok(())
     }
 
@@ -551,9 +560,17 @@ impl TestApiServer {
     /// The last lines of etcd.log and kube-apiserver.log, for error messages.
     pub fn log_tails(&self) -> String {
         let mut text = String::new();
-        for name in ["etcd.log", "kube-apiserver.log"] {
+        for name in [
+            "etcd.log",
+            "kube-apiserver.log",
+            "kube-apiserver-standby.log",
+            "nginx.log",
+        ] {
             let path = self.dir.join(name);
-            let content = std::fs::read_to_string(&path).unwrap_or_default();
+            // The standby and nginx logs exist only behind a balancer.
+            let Ok(content) = std::fs::read_to_string(&path) else {
+                continue;
+            };
             let lines: Vec<&str> = content.lines().collect();
             let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
             let _ = writeln!(
@@ -577,6 +594,15 @@ impl TestApiServer {
         }
     }
 
+    /// Kills kube-apiserver with SIGKILL, as a master whose machine dies: connections reset,
+    /// no graceful shutdown.
+    pub fn kill_apiserver(&mut self) {
+        if let Some(mut child) = self.apiserver.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Starts kube-apiserver again on the same address, port and etcd after
     /// [`TestApiServer::stop_apiserver`], and waits for `/readyz`.
     pub fn start_apiserver_again(&mut self) -> Result<()> {
@@ -587,15 +613,117 @@ impl TestApiServer {
         if self.apiserver.is_some() {
             bail!("apiserver is still running");
         }
-        self.start_kube_apiserver(&options, etcd_port, port)?;
+        self.start_kube_apiserver(&options, etcd_port, port, "kube-apiserver.log")?;
         self.wait_ready(options.ready_timeout)
     }
 
+    /// Puts the API behind a TCP balancer, as a cluster with two masters behind nginx: starts a
+    /// second kube-apiserver on the same etcd and certificates, and nginx (stream module) on
+    /// the advertise address sending every connection to the first while it answers and to
+    /// the second (`backup`) after; every kubeconfig written from now on, and the admin one,
+    /// points at nginx. Stopping or killing the first master is then a failover that every
+    /// client connection goes through.
+    pub fn serve_behind_balancer(&mut self) -> Result<()> {
+        let (options, etcd_port, primary_port) = self
+            .restart_with
+            .clone()
+            .context("apiserver was never started")?;
+        let standby_port = free_port()?;
+        // The same flags as the first, on another port, with its own log.
+        let first = self.apiserver.take();
+        let started = self.start_kube_apiserver(
+            &options,
+            etcd_port,
+            standby_port,
+            "kube-apiserver-standby.log",
+        );
+        self.standby = std::mem::replace(&mut self.apiserver, first);
+        started?;
+        if let Some(standby) = &self.standby {
+            tracing::info!(
+                pid = standby.id(),
+                port = standby_port,
+                "standby kube-apiserver started"
+            );
+        }
+        let address = options.effective_advertise_address();
+        let vip_port = free_port()?;
+        let conf = format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+             daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             pid {dir}/nginx.pid;\nerror_log {dir}/nginx.log info;\n\
+             events {{ worker_connections 1024; }}\n\
+             stream {{\n\
+               upstream apiservers {{\n\
+                 server {primary} max_fails=1 fail_timeout=5s;\n\
+                 server {standby} backup;\n\
+               }}\n\
+               server {{\n\
+                 listen {vip};\n\
+                 proxy_pass apiservers;\n\
+                 proxy_connect_timeout 1s;\n\
+                 proxy_next_upstream on;\n\
+               }}\n\
+             }}\n",
+            dir = self.dir.display(),
+            primary = socket_text(address, primary_port),
+            standby = socket_text(address, standby_port),
+            vip = socket_text(address, vip_port),
+        );
+        let conf_path = self.dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).context("writing nginx.conf")?;
+        let mut nginx = self.command_in_netns(Path::new(NGINX));
+        nginx
+            .arg("-e")
+            .arg(self.dir.join("nginx.log"))
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg(&conf_path);
+        self.balancer = Some(self.spawn_logged(nginx, "nginx.out")?);
+        self.server_url = format!("https://{}", socket_text(address, vip_port));
+        let pki = self.dir.join("pki");
+        write_cert_kubeconfig(
+            &self.admin_kubeconfig,
+            &self.server_url,
+            &self.ca_cert,
+            &pki.join("admin.crt"),
+            &pki.join("admin.key"),
+        )?;
+        // Ready through nginx, and the standby itself ready: a failover must find it serving.
+        self.wait_ready(options.ready_timeout)?;
+        let standby_url = format!("https://{}", socket_text(address, standby_port));
+        let deadline = Instant::now() + options.ready_timeout;
+        loop {
+            let mut probe = self.kubectl_command(["get", "--raw", "/readyz"]);
+            probe
+                .arg(format!("--server={standby_url}"))
+                .arg("--request-timeout=5s");
+            if run_with_timeout(probe, None, Duration::from_secs(10))
+                .is_ok_and(|o| o.status.success())
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "standby kube-apiserver at {standby_url} not ready\n{}",
+                    self.log_tails()
+                );
+            }
+            thread::sleep(READY_POLL_INTERVAL);
+        }
+    }
+
     fn stop_children(&mut self) {
-        // The apiserver first, so it does not log a storm of etcd connection errors.
-        for child in [self.apiserver.take(), self.etcd.take()]
-            .into_iter()
-            .flatten()
+        // The balancer and apiservers first, so they do not log a storm of etcd errors.
+        for child in [
+            self.balancer.take(),
+            self.standby.take(),
+            self.apiserver.take(),
+            self.etcd.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             stop_child(child);
         }

@@ -72,6 +72,9 @@ pub struct ClusterSpec {
     /// Nodes whose namespaces exist from the start but which join (Node object + agent) only
     /// when the test calls [`TestCluster::join`].
     pub deferred_nodes: Vec<String>,
+    /// Two kube-apiservers behind nginx, every kubeconfig pointing at nginx (two masters
+    /// behind a VIP); `c.api.stop_apiserver()` is then a failover.
+    pub api_behind_balancer: bool,
 }
 
 /// One node's running agent.
@@ -119,9 +122,13 @@ impl TestCluster {
             netns: Some(router.ns.name().to_owned()),
             ..ApiServerOptions::default()
         };
-        let Some(api) = TestApiServer::start_or_skip(test, options)? else {
+        let Some(mut api) = TestApiServer::start_or_skip(test, options)? else {
             return Ok(None);
         };
+        if spec.api_behind_balancer {
+            api.serve_behind_balancer()
+                .context("putting the API server behind nginx")?;
+        }
         let root = workspace_root();
         let crds = if spec.calico_crds {
             "e2e/fixtures/calico-v3.26-crds.yaml"

@@ -278,3 +278,77 @@ fn first_agent_creates_the_default_pool_from_calico_env() {
         );
     }
 }
+
+/// Two masters behind nginx, the agents' kubeconfig pointing at nginx (how the clusters tortie
+/// serves are built): every connection goes to the first master until it dies, then to the
+/// second. The agents' watches break and reconnect through nginx; an IPPool edit made after the
+/// failover reaches the dataplane, and a new pod gets its address through the second master.
+#[test]
+fn api_failover_behind_nginx_is_just_a_reconnect() {
+    require_root();
+    let spec = ClusterSpec {
+        topology: TopologySpec::new().segment(["a1", "a2"]),
+        pool_yaml: Some(GOOD_POOL.to_owned()),
+        api_behind_balancer: true,
+        ..Default::default()
+    };
+    let Some(mut c) =
+        TestCluster::start("api_failover_behind_nginx_is_just_a_reconnect", spec).unwrap()
+    else {
+        return;
+    };
+    c.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    wait_remote_block_route(&c, "a1");
+    let pa = c.add_pod("a1", "before").unwrap();
+    let pb = c.add_pod("a2", "peer").unwrap();
+    wait_for("pods reach each other", Duration::from_secs(20), || {
+        Ok(pa.ns.ping_once(&pb.ip.to_string(), 200).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+
+    // The first master's machine dies (no graceful shutdown).
+    let failover = Instant::now();
+    c.api.kill_apiserver();
+    // Through nginx to the second master: a live edit still re-routes the node.
+    c.kubectl(&[
+        "patch",
+        "ippool",
+        "good",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"vxlanMode":"Never"}}"#,
+    ])
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    wait_for(
+        "the edit made after the failover reaches a1",
+        Duration::from_secs(30),
+        || Ok((!route_table(&c, "a1").contains("vxlan.calico")).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    eprintln!(
+        "FIGURE API failover behind nginx: pool edit applied {:?} after the first master stopped",
+        failover.elapsed()
+    );
+    let pc = c
+        .add_pod("a1", "after")
+        .unwrap_or_else(|e| panic!("CNI ADD after the failover: {e:#}\n{}", c.logs()));
+    wait_for(
+        "the new pod reaches its peer",
+        Duration::from_secs(20),
+        || Ok(pc.ns.ping_once(&pb.ip.to_string(), 200).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    for n in ["a1", "a2"] {
+        wait_for(
+            &format!("{n} ready through the second master"),
+            Duration::from_secs(30),
+            || Ok((c.status(n)?["ready"] == true).then_some(())),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    }
+    assert!(
+        pa.ns.ping_once(&pb.ip.to_string(), 1000),
+        "pods from before the failover still reach each other"
+    );
+}
