@@ -196,4 +196,10 @@ fn print_status(s: &serde_json::Value) {
     }
     println!("\nRoutes: {}", s["routes"]);
     println!("Workloads: {}", s["workloads"]);
+    if let Some(pending) = s["pending_releases"].as_u64().filter(|n| *n > 0) {
+        println!(
+            "Address releases waiting for the API server: {pending} (oldest {:.0} s)",
+            s["oldest_pending_release_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
 }
