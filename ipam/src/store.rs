@@ -520,6 +520,27 @@ impl Store for MemoryStore {
         Ok(self.list_now())
     }
 
+    async fn list_where<K: Resource>(
+        &self,
+        keep: impl Fn(&K) -> bool + Send,
+    ) -> Result<Vec<K>, StoreError> {
+        self.yield_point().await;
+        let mut st = self.lock();
+        st.stats.lists += 1;
+        // Only what is kept gets copied, as in the agent's cache.
+        let mut out: Vec<K> = st
+            .objects
+            .iter()
+            .filter(|((kind, _), _)| *kind == K::KIND)
+            .filter_map(|(_, e)| e.object.downcast_ref::<K>())
+            .filter(|k| keep(k))
+            .cloned()
+            .collect();
+        drop(st);
+        out.sort_by(|a, b| a.metadata().name.cmp(&b.metadata().name));
+        Ok(out)
+    }
+
     async fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
         self.yield_point().await;
         self.create_now(obj)
