@@ -146,6 +146,11 @@ fn main() {
     // Other nodes' blocks, as in a large cluster: the agent's caches, its release scan and
     // its recompute on every block event all see them.
     let foreign = foreign_blocks();
+    // The pool is a /16: 1024 blocks of /26, one of them the measured node's.
+    assert!(
+        foreign < 1024,
+        "TORTIE_BENCH_FOREIGN_BLOCKS={foreign}: the bench pool holds 1023 other blocks at most"
+    );
     if foreign > 0 {
         let t = Instant::now();
         let mut items = Vec::new();
