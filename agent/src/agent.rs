@@ -53,11 +53,15 @@ struct Caches {
     affinities: Cache<BlockAffinity>,
 }
 
-/// A Calico object as its typed form (the whole object, with metadata).
+/// A Calico object as its typed form (the whole object, with metadata but without
+/// `managedFields`: the API server keeps those itself, tortie never sends them back, and they
+/// are often the larger part of a block held in every cache and copied on every read).
 fn decode_object<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
-    serde_json::to_value(obj)
-        .and_then(serde_json::from_value)
-        .map_err(|e| format!("does not decode: {e}"))
+    let mut value = serde_json::to_value(obj).map_err(|e| format!("does not encode: {e}"))?;
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        meta.remove("managedFields");
+    }
+    serde_json::from_value(value).map_err(|e| format!("does not decode: {e}"))
 }
 
 /// A Calico object's `spec` (an absent spec is an empty one).

@@ -146,10 +146,12 @@ fn main() {
     // Other nodes' blocks, as in a large cluster: the agent's caches, its release scan and
     // its recompute on every block event all see them.
     let foreign = foreign_blocks();
-    // The pool is a /16: 1024 blocks of /26, one of them the measured node's.
+    // The pool is a /16: 1024 blocks of /26. With all 1024 taken by other nodes the measured
+    // node has no block of its own and borrows every address (Calico's behaviour without
+    // strictAffinity), which measures the borrowing path instead.
     assert!(
-        foreign < 1024,
-        "TORTIE_BENCH_FOREIGN_BLOCKS={foreign}: the bench pool holds 1023 other blocks at most"
+        foreign <= 1024,
+        "TORTIE_BENCH_FOREIGN_BLOCKS={foreign}: the bench pool holds 1024 blocks"
     );
     if foreign > 0 {
         let t = Instant::now();

@@ -607,13 +607,28 @@ impl<S: Store> Ipam<S> {
 
         // 3. Borrow from any block with room.
         if got.len() < want && !settings.strict_affinity {
-            let blocks = self.store.list::<IpamBlock>().await?;
+            // Only the CIDRs are needed here (each block is read again when written): the
+            // filter collects them and copies no block.
+            let with_room: std::sync::Mutex<Vec<IpNet>> = Default::default();
+            self.store
+                .list_where(|b: &IpamBlock| {
+                    if !b.spec.is_deleted()
+                        && b.spec.free_count() > 0
+                        && let Some(cidr) = b.spec.parsed_cidr().filter(|c| in_candidates(c))
+                    {
+                        with_room
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(cidr);
+                    }
+                    false
+                })
+                .await?;
             let seed = fnv1a(req.node.as_bytes());
-            let mut borrowable: Vec<(u64, IpNet)> = blocks
-                .iter()
-                .filter(|b| !b.spec.is_deleted() && b.spec.free_count() > 0)
-                .filter_map(|b| b.spec.parsed_cidr())
-                .filter(|c| in_candidates(c))
+            let mut borrowable: Vec<(u64, IpNet)> = with_room
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .into_iter()
                 .map(|c| (splitmix(seed ^ fnv1a(c.to_string().as_bytes())), c))
                 .collect();
             borrowable.sort();
@@ -973,12 +988,28 @@ impl<S: Store> Ipam<S> {
         pools: &[&Pool],
         node: &str,
     ) -> Result<Option<IpNet>, IpamError> {
-        let blocks = self.store.list::<IpamBlock>().await?;
-        for dying in blocks.iter().filter(|b| b.spec.is_deleted()) {
-            self.finish_block_deletion(dying).await?;
+        // Every block's CIDR is needed, but only the dying blocks themselves: the filter
+        // records the rest as it goes, so a big cluster's blocks are not copied per claim.
+        let taken: std::sync::Mutex<HashSet<IpNet>> = Default::default();
+        let dying = self
+            .store
+            .list_where(|b: &IpamBlock| {
+                if let Some(cidr) = b.spec.parsed_cidr() {
+                    taken
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(cidr);
+                }
+                b.spec.is_deleted()
+            })
+            .await?;
+        for block in &dying {
+            self.finish_block_deletion(block).await?;
         }
         // Blocks whose deletion just finished are still treated as taken until the next pass.
-        let existing: HashSet<IpNet> = blocks.iter().filter_map(|b| b.spec.parsed_cidr()).collect();
+        let existing = taken
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for pool in pools {
             let candidates = CandidateBlocks::new(pool, node);
             let known_in_pool = existing
