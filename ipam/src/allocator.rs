@@ -607,27 +607,18 @@ impl<S: Store> Ipam<S> {
 
         // 3. Borrow from any block with room.
         if got.len() < want && !settings.strict_affinity {
-            // Only the CIDRs are needed here (each block is read again when written): the
-            // filter collects them and copies no block.
-            let with_room: std::sync::Mutex<Vec<IpNet>> = Default::default();
-            self.store
-                .list_where(|b: &IpamBlock| {
-                    if !b.spec.is_deleted()
-                        && b.spec.free_count() > 0
-                        && let Some(cidr) = b.spec.parsed_cidr().filter(|c| in_candidates(c))
-                    {
-                        with_room
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(cidr);
-                    }
-                    false
+            // Only the CIDRs are needed here (each block is read again when written).
+            let with_room = self
+                .store
+                .list_map(|b: &IpamBlock| {
+                    (!b.spec.is_deleted() && b.spec.free_count() > 0)
+                        .then(|| b.spec.parsed_cidr())
+                        .flatten()
+                        .filter(|c| in_candidates(c))
                 })
                 .await?;
             let seed = fnv1a(req.node.as_bytes());
             let mut borrowable: Vec<(u64, IpNet)> = with_room
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .into_iter()
                 .map(|c| (splitmix(seed ^ fnv1a(c.to_string().as_bytes())), c))
                 .collect();
@@ -988,28 +979,20 @@ impl<S: Store> Ipam<S> {
         pools: &[&Pool],
         node: &str,
     ) -> Result<Option<IpNet>, IpamError> {
-        // Every block's CIDR is needed, but only the dying blocks themselves: the filter
-        // records the rest as it goes, so a big cluster's blocks are not copied per claim.
-        let taken: std::sync::Mutex<HashSet<IpNet>> = Default::default();
-        let dying = self
+        // Every block's CIDR, but only the dying blocks themselves: a big cluster's blocks are
+        // not copied per claim.
+        let blocks: Vec<(IpNet, Option<IpamBlock>)> = self
             .store
-            .list_where(|b: &IpamBlock| {
-                if let Some(cidr) = b.spec.parsed_cidr() {
-                    taken
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(cidr);
-                }
-                b.spec.is_deleted()
+            .list_map(|b: &IpamBlock| {
+                let cidr = b.spec.parsed_cidr()?;
+                Some((cidr, b.spec.is_deleted().then(|| b.clone())))
             })
             .await?;
-        for block in &dying {
-            self.finish_block_deletion(block).await?;
+        for dying in blocks.iter().filter_map(|(_, b)| b.as_ref()) {
+            self.finish_block_deletion(dying).await?;
         }
         // Blocks whose deletion just finished are still treated as taken until the next pass.
-        let existing = taken
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let existing: HashSet<IpNet> = blocks.iter().map(|(cidr, _)| *cidr).collect();
         for pool in pools {
             let candidates = CandidateBlocks::new(pool, node);
             let known_in_pool = existing

@@ -94,17 +94,23 @@ pub trait Store: Send + Sync {
     /// Reads every object of a kind.
     fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send;
 
-    /// The objects of a kind for which `keep` holds. The default lists everything and filters;
-    /// a store holding its objects in a cache filters before copying any.
+    /// What `pick` takes from each object of a kind, for the objects it picks: a caller that
+    /// needs a field of every object (say each block's CIDR) gets it without the objects being
+    /// copied. The default lists and maps; a store holding its objects in a cache maps them in
+    /// place.
+    fn list_map<K: Resource, T: Send>(
+        &self,
+        pick: impl Fn(&K) -> Option<T> + Send,
+    ) -> impl Future<Output = Result<Vec<T>, StoreError>> + Send {
+        async move { Ok(self.list::<K>().await?.iter().filter_map(pick).collect()) }
+    }
+
+    /// The objects of a kind for which `keep` holds (only those are copied).
     fn list_where<K: Resource>(
         &self,
         keep: impl Fn(&K) -> bool + Send,
     ) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
-        async move {
-            let mut all = self.list::<K>().await?;
-            all.retain(|k| keep(k));
-            Ok(all)
-        }
+        self.list_map(move |k: &K| keep(k).then(|| k.clone()))
     }
 
     /// Creates an object (its `resourceVersion` is ignored); returns it as stored, with its revision.
@@ -161,11 +167,11 @@ impl<T: Store> Store for Arc<T> {
     fn list<K: Resource>(&self) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
         (**self).list()
     }
-    fn list_where<K: Resource>(
+    fn list_map<K: Resource, P: Send>(
         &self,
-        keep: impl Fn(&K) -> bool + Send,
-    ) -> impl Future<Output = Result<Vec<K>, StoreError>> + Send {
-        (**self).list_where(keep)
+        pick: impl Fn(&K) -> Option<P> + Send,
+    ) -> impl Future<Output = Result<Vec<P>, StoreError>> + Send {
+        (**self).list_map(pick)
     }
     fn create<K: Resource>(&self, obj: &K) -> impl Future<Output = Result<K, StoreError>> + Send {
         (**self).create(obj)
@@ -520,24 +526,25 @@ impl Store for MemoryStore {
         Ok(self.list_now())
     }
 
-    async fn list_where<K: Resource>(
+    async fn list_map<K: Resource, T: Send>(
         &self,
-        keep: impl Fn(&K) -> bool + Send,
-    ) -> Result<Vec<K>, StoreError> {
+        pick: impl Fn(&K) -> Option<T> + Send,
+    ) -> Result<Vec<T>, StoreError> {
         self.yield_point().await;
         let mut st = self.lock();
         st.stats.lists += 1;
-        // Only what is kept gets copied, as in the agent's cache.
-        let mut out: Vec<K> = st
+        // In name order, as `list`, so seeded interleavings replay exactly.
+        let mut picked: Vec<(&str, T)> = st
             .objects
             .iter()
             .filter(|((kind, _), _)| *kind == K::KIND)
-            .filter_map(|(_, e)| e.object.downcast_ref::<K>())
-            .filter(|k| keep(k))
-            .cloned()
+            .filter_map(|((_, name), e)| {
+                Some((name.as_str(), pick(e.object.downcast_ref::<K>()?)?))
+            })
             .collect();
+        picked.sort_by(|a, b| a.0.cmp(b.0));
+        let out = picked.into_iter().map(|(_, t)| t).collect();
         drop(st);
-        out.sort_by(|a, b| a.metadata().name.cmp(&b.metadata().name));
         Ok(out)
     }
 

@@ -2,7 +2,7 @@
 //! reads of watched kinds come from the agent's watch caches, with this agent's own writes laid over them.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,24 +20,22 @@ type AnyObject = Arc<dyn Any + Send + Sync>;
 /// A watch cache seen through its kind's erased type, so the generic `Store` methods can pick
 /// the one for `K::KIND` and downcast what it returns.
 trait KindCache: Send + Sync {
-    /// The objects of the current complete view for which `keep` holds, by name, or `None`
-    /// before the first list arrived.
-    fn view_where(&self, keep: &dyn Fn(&AnyObject) -> bool) -> Option<BTreeMap<String, AnyObject>>;
+    /// Calls `f` with every object of the current complete view; false (and no call) before
+    /// the first list arrived.
+    fn for_each(&self, f: &mut dyn FnMut(&str, &(dyn Any + Send + Sync))) -> bool;
     /// One object of the current view (`Some(None)`: not there), or `None` before the first list.
     fn lookup(&self, name: &str) -> Option<Option<AnyObject>>;
 }
 
 impl<T: Resource> KindCache for watch::Receiver<Arc<Snapshot<T>>> {
-    fn view_where(&self, keep: &dyn Fn(&AnyObject) -> bool) -> Option<BTreeMap<String, AnyObject>> {
+    fn for_each(&self, f: &mut dyn FnMut(&str, &(dyn Any + Send + Sync))) -> bool {
         let snap = self.borrow();
-        snap.synced.then(|| {
-            snap.objects
-                .iter()
-                .map(|(name, obj)| (name, obj.clone() as AnyObject))
-                .filter(|(_, obj)| keep(obj))
-                .map(|(name, obj)| (name.clone(), obj))
-                .collect()
-        })
+        if snap.synced {
+            for (name, obj) in &snap.objects {
+                f(name, &**obj);
+            }
+        }
+        snap.synced
     }
 
     fn lookup(&self, name: &str) -> Option<Option<AnyObject>> {
@@ -163,32 +161,39 @@ impl KubeIpamStore {
         Some(seen.ok_or_else(|| StoreError::not_found::<K>(name)))
     }
 
-    /// Every `K` from the cache with this agent's pending writes applied, or `None` when the
-    /// API server must answer instead.
-    fn cached_list<K: Resource>(&self, keep: impl Fn(&K) -> bool) -> Option<Vec<K>> {
+    /// What `pick` takes from every `K` of the cache, with this agent's pending writes
+    /// applied, or `None` when the API server must answer instead. Nothing is copied but what
+    /// `pick` returns, and it sees each object once, in its newest known state.
+    fn cached_list_map<K: Resource, T>(&self, pick: impl Fn(&K) -> Option<T>) -> Option<Vec<T>> {
         let cache = self.caches.get(K::KIND)?;
-        let view = cache.view_where(&|obj| obj.downcast_ref::<K>().is_some_and(&keep))?;
         let overlay = self.overlay();
-        let mut out: BTreeMap<String, K> = BTreeMap::new();
-        for (name, obj) in &view {
-            if let Some(k) = obj.downcast_ref::<K>() {
-                out.insert(name.clone(), k.clone());
+        let written: HashSet<&str> = overlay
+            .written
+            .keys()
+            .filter(|(kind, _)| *kind == K::KIND)
+            .map(|(_, name)| name.as_str())
+            .collect();
+        let mut out = Vec::new();
+        let synced = cache.for_each(&mut |name, obj| {
+            if !written.contains(name)
+                && let Some(picked) = obj.downcast_ref::<K>().and_then(&pick)
+            {
+                out.push(picked);
             }
+        });
+        if !synced {
+            return None;
         }
-        for ((kind, name), w) in &overlay.written {
-            if *kind != K::KIND {
-                continue;
-            }
-            // The cached copy may have been filtered out: compare with the unfiltered one.
+        for name in written {
+            let w = overlay.written.get(&(K::KIND, name.to_owned()))?;
             let cached = cache
                 .lookup(name)?
                 .and_then(|o| o.downcast_ref::<K>().cloned());
-            match newest(cached.as_ref(), Some(w))? {
-                (Some(k), _) if keep(&k) => out.insert(name.clone(), k),
-                _ => out.remove(name),
-            };
+            if let (Some(k), _) = newest(cached.as_ref(), Some(w))? {
+                out.extend(pick(&k));
+            }
         }
-        Some(out.into_values().collect())
+        Some(out)
     }
 
     /// Remembers an object as this agent last wrote or read it from the API server, unless
@@ -330,14 +335,14 @@ impl Store for KubeIpamStore {
     }
 
     async fn list<K: Resource>(&self) -> Result<Vec<K>, StoreError> {
-        self.list_where(|_: &K| true).await
+        self.list_map(|k: &K| Some(k.clone())).await
     }
 
-    async fn list_where<K: Resource>(
+    async fn list_map<K: Resource, T: Send>(
         &self,
-        keep: impl Fn(&K) -> bool + Send,
-    ) -> Result<Vec<K>, StoreError> {
-        if let Some(cached) = self.cached_list::<K>(&keep) {
+        pick: impl Fn(&K) -> Option<T> + Send,
+    ) -> Result<Vec<T>, StoreError> {
+        if let Some(cached) = self.cached_list_map::<K, T>(&pick) {
             return Ok(cached);
         }
         let api = self.api::<K>();
@@ -348,13 +353,11 @@ impl Store for KubeIpamStore {
         let list = timed(K::KIND, "list", "", api.list(&params))
             .await
             .map_err(|e| map_err::<K>("", e))?;
-        let mut all: Vec<K> = list
-            .items
-            .into_iter()
-            .map(from_dynamic)
-            .collect::<Result<_, _>>()?;
-        all.retain(|k| keep(k));
-        Ok(all)
+        let mut out = Vec::new();
+        for item in list.items {
+            out.extend(pick(&from_dynamic::<K>(item)?));
+        }
+        Ok(out)
     }
 
     async fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
@@ -468,6 +471,13 @@ mod tests {
     }
 
     const NAME: &str = "10-0-0-0-26";
+
+    impl KubeIpamStore {
+        /// The cached objects `keep` selects, as `list_where` would serve them.
+        fn cached_list<K: Resource>(&self, keep: impl Fn(&K) -> bool) -> Option<Vec<K>> {
+            self.cached_list_map(|k: &K| keep(k).then(|| k.clone()))
+        }
+    }
 
     fn snapshot(objects: &[IpamBlock], synced: bool) -> Arc<Snapshot<IpamBlock>> {
         Arc::new(Snapshot {
