@@ -443,6 +443,7 @@ impl Agent {
                     .await;
                     let failure = match inline {
                         Ok(Ok(_)) => None,
+                        Ok(Err(e)) if crate::releases::nothing_left(&e) => None,
                         Ok(Err(e)) => Some(e.to_string()),
                         Err(_elapsed) => Some(format!(
                             "no answer from the API server within {INLINE_RELEASE_LIMIT:?}"
@@ -711,8 +712,7 @@ impl Agent {
         }
     }
 
-    /// Once every cache has listed and BGP has converged (End-of-RIB from every peer, or the
-    /// startup grace ran out), the desired state is complete: stale routes may go, pods may come.
+    /// Which families pods get: those the node has an address and an enabled pool of.
     fn pod_families(&self) -> crate::cni::PodFamilies {
         let pool_of = |fam: u8| {
             self.view
@@ -755,6 +755,8 @@ impl Agent {
         }
     }
 
+    /// Once every cache has listed and BGP has converged (End-of-RIB from every peer, or the
+    /// startup grace ran out), the desired state is complete: stale routes may go, pods may come.
     async fn maybe_complete(&mut self, caches: &Caches) {
         if self.complete || !caches.synced() {
             return;

@@ -254,25 +254,16 @@ pub async fn sync_tunnel_addresses(
     };
     ann.insert(annotations::IPV4_IPIP_TUNNEL_ADDR.into(), value(ipip));
     ann.insert(annotations::IPV4_VXLAN_TUNNEL_ADDR.into(), value(vxlan));
-    let mac = vxlan.map(|_| {
-        json!(tortie_dataplane::format_mac(
-            &tortie_dataplane::vtep_mac_for(&node.name, false)
-        ))
-    });
-    ann.insert(
-        annotations::VXLAN_TUNNEL_MAC.into(),
-        mac.unwrap_or(serde_json::Value::Null),
-    );
+    // A VTEP's MAC is announced while it has an address (null removes the annotation).
+    let mac = |tunnel: Option<IpAddr>, ipv6: bool| match tunnel {
+        Some(_) => json!(tortie_dataplane::format_mac(
+            &tortie_dataplane::vtep_mac_for(&node.name, ipv6)
+        )),
+        None => serde_json::Value::Null,
+    };
+    ann.insert(annotations::VXLAN_TUNNEL_MAC.into(), mac(vxlan, false));
     ann.insert(annotations::IPV6_VXLAN_TUNNEL_ADDR.into(), value(vxlan_v6));
-    let mac_v6 = vxlan_v6.map(|_| {
-        json!(tortie_dataplane::format_mac(
-            &tortie_dataplane::vtep_mac_for(&node.name, true)
-        ))
-    });
-    ann.insert(
-        annotations::VXLAN_TUNNEL_MAC_V6.into(),
-        mac_v6.unwrap_or(serde_json::Value::Null),
-    );
+    ann.insert(annotations::VXLAN_TUNNEL_MAC_V6.into(), mac(vxlan_v6, true));
     patch_annotations(&Api::all(client.clone()), &node.name, ann).await?;
     Ok(TunnelAddrs {
         ipip,

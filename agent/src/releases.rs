@@ -43,6 +43,14 @@ struct Pending {
     since: Instant,
 }
 
+/// Whether a failed release means there was nothing (left) to release: retrying cannot help.
+pub fn nothing_left(e: &tortie_ipam::IpamError) -> bool {
+    matches!(
+        e,
+        tortie_ipam::IpamError::Store(tortie_ipam::StoreError::NotFound { .. })
+    )
+}
+
 /// The queue; clones share it.
 pub struct ReleaseQueue<S: Store + 'static> {
     ipam: Arc<Ipam<S>>,
@@ -211,6 +219,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                     }
                     return;
                 }
+                Err(e) if nothing_left(&e) => return,
                 Err(e) if started.elapsed() >= GIVE_UP_AFTER => {
                     error!(
                         handle,

@@ -194,6 +194,19 @@ pub struct AutoAssignRequest {
     pub use_: Option<AllowedUse>,
 }
 
+/// A new handle holding `count` addresses of one block.
+fn handle_for(handle_id: &str, cidr: &IpNet, count: i64) -> IpamHandle {
+    IpamHandle::new(
+        handle_name(handle_id),
+        IpamHandleSpec {
+            handle_id: handle_id.to_string(),
+            block: BTreeMap::from([(cidr.to_string(), count)]),
+            deleted: None,
+            extra: Default::default(),
+        },
+    )
+}
+
 /// How a block write went, for the CAS loop around it.
 enum BlockWrite {
     Done,
@@ -858,16 +871,7 @@ impl<S: Store> Ipam<S> {
         cidr: &IpNet,
         count: i64,
     ) -> Result<(), IpamError> {
-        let handle = IpamHandle::new(
-            handle_name(handle_id),
-            IpamHandleSpec {
-                handle_id: handle_id.to_string(),
-                block: BTreeMap::from([(cidr.to_string(), count)]),
-                deleted: None,
-                extra: Default::default(),
-            },
-        );
-        match self.store.create(&handle).await {
+        match self.store.create(&handle_for(handle_id, cidr, count)).await {
             Ok(_) => Ok(()),
             Err(StoreError::AlreadyExists { .. }) => Err(IpamError::HandleExists {
                 handle: handle_id.to_string(),
@@ -886,17 +890,7 @@ impl<S: Store> Ipam<S> {
     ) -> Result<(), IpamError> {
         let name = handle_name(handle_id);
         let key = cidr.to_string();
-        let new_handle = || {
-            IpamHandle::new(
-                name.clone(),
-                IpamHandleSpec {
-                    handle_id: handle_id.to_string(),
-                    block: BTreeMap::from([(key.clone(), delta)]),
-                    deleted: None,
-                    extra: Default::default(),
-                },
-            )
-        };
+        let new_handle = || handle_for(handle_id, cidr, delta);
         if delta > 0 {
             // A new pod's handle does not exist yet: try the create first and save a read.
             match self.store.create(&new_handle()).await {
