@@ -77,6 +77,14 @@ pub struct ClusterSpec {
     pub api_behind_balancer: bool,
 }
 
+/// Agent environment from `(name, value)` pairs, for [`ClusterSpec::agent_env`].
+pub fn agent_env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// One node's running agent.
 #[derive(Debug)]
 pub struct AgentProc {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use tortie_e2e::cluster::{ClusterSpec, TestCluster};
+use tortie_e2e::cluster::{ClusterSpec, TestCluster, agent_env};
 use tortie_e2e::{TopologySpec, require_root, wait_for};
 
 const GOOD_POOL: &str = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: good\nspec:\n  \
@@ -26,6 +26,18 @@ fn route_table(c: &TestCluster, node: &str) -> String {
         .ns
         .run(&["ip", "route", "show", "proto", "84"])
         .unwrap()
+}
+
+/// `kubectl patch` of the good pool to `vxlanMode: Never`.
+fn vxlan_off(c: &TestCluster) -> anyhow::Result<String> {
+    c.kubectl(&[
+        "patch",
+        "ippool",
+        "good",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"vxlanMode":"Never"}}"#,
+    ])
 }
 
 fn wait_remote_block_route(c: &TestCluster, node: &str) -> String {
@@ -73,15 +85,7 @@ fn a_bad_pool_is_reported_by_name_and_field_and_good_pools_keep_working() {
         "a bad pool must not disturb the good pool's routes"
     );
     // And the good pool still takes live edits.
-    c.kubectl(&[
-        "patch",
-        "ippool",
-        "good",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"vxlanMode":"Never"}}"#,
-    ])
-    .unwrap();
+    vxlan_off(&c).unwrap();
     wait_for(
         "good pool edit applied despite the bad ones",
         Duration::from_secs(10),
@@ -182,15 +186,7 @@ fn api_server_outage_keeps_routes_and_the_agent_resumes_after() {
         !blocks.contains(&leaver.container_id),
         "the deleted pod's allocation is still in a block: {blocks}"
     );
-    c.kubectl(&[
-        "patch",
-        "ippool",
-        "good",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"vxlanMode":"Never"}}"#,
-    ])
-    .unwrap();
+    vxlan_off(&c).unwrap();
     wait_for(
         "pool edit after the outage re-routes a1",
         Duration::from_secs(20),
@@ -212,10 +208,7 @@ fn first_agent_creates_the_default_pool_from_calico_env() {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["a1"]).segment(["b1"]),
         pool_yaml: None,
-        agent_env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        agent_env: agent_env(&env),
         ..Default::default()
     };
     let Some(c) =
@@ -311,15 +304,7 @@ fn api_failover_behind_nginx_is_just_a_reconnect() {
     let failover = Instant::now();
     c.api.kill_apiserver();
     // Through nginx to the second master: a live edit still re-routes the node.
-    c.kubectl(&[
-        "patch",
-        "ippool",
-        "good",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"vxlanMode":"Never"}}"#,
-    ])
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
+    vxlan_off(&c).unwrap_or_else(|e| panic!("{e:#}\n{}", c.logs()));
     wait_for(
         "the edit made after the failover reaches a1",
         Duration::from_secs(30),

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tortie_e2e::cluster::{ClusterSpec, TestCluster};
+use tortie_e2e::cluster::{ClusterSpec, TestCluster, agent_env};
 use tortie_e2e::{TopologySpec, require_root, wait_for};
 
 #[test]
@@ -18,14 +18,11 @@ fn deleted_node_loses_peers_routes_and_ipam() {
         ),
         // A short lease: the killed node may hold the collector's lease, and another agent must
         // take over well within the IPAM check's deadline.
-        agent_env: [
+        agent_env: agent_env(&[
             ("TORTIE_IPAM_GC_INTERVAL_SECS", "1"),
             ("TORTIE_IPAM_GC_GRACE_SECS", "1"),
             ("TORTIE_IPAM_GC_LEASE_SECS", "3"),
-        ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
+        ]),
         ..Default::default()
     };
     let Some(mut c) = TestCluster::start("deleted_node_loses_peers_routes_and_ipam", spec).unwrap()
@@ -186,13 +183,10 @@ fn leaked_pod_addresses_are_collected_and_live_pods_keep_theirs() {
             "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.244.0.0/16\n"
                 .to_owned(),
         ),
-        agent_env: [
+        agent_env: agent_env(&[
             ("TORTIE_IPAM_GC_INTERVAL_SECS", "1"),
             ("TORTIE_IPAM_GC_GRACE_SECS", "1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
+        ]),
         ..Default::default()
     };
     let Some(c) = TestCluster::start(

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tortie_e2e::cluster::{ClusterSpec, TestCluster, TestPod};
+use tortie_e2e::cluster::{ClusterSpec, TestCluster, TestPod, agent_env};
 use tortie_e2e::{TopologySpec, require_root, wait_for};
 
 const POOLS: &str = "apiVersion: crd.projectcalico.org/v1\nkind: IPPool\nmetadata:\n  name: v4\n\
@@ -38,13 +38,10 @@ fn dual_stack_pods_reach_each_other_over_ipv4_and_ipv6_vxlan() {
     let spec = ClusterSpec {
         topology: TopologySpec::new().segment(["d1"]).segment(["d2"]),
         pool_yaml: Some(POOLS.to_owned()),
-        agent_env: [
+        agent_env: agent_env(&[
             ("IP6", "autodetect"),
             ("IP6_AUTODETECTION_METHOD", "interface=eth0"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect(),
+        ]),
         ..Default::default()
     };
     let Some(c) = TestCluster::start(
