@@ -192,6 +192,12 @@ pub struct AutoAssignRequest {
     pub pools: Vec<IpNet>,
     /// `Tunnel` for tunnel addresses; `Workload` (the default) otherwise.
     pub use_: Option<AllowedUse>,
+    /// Handles whose addresses are to be released in the same block writes as this
+    /// assignment: releases already promised (a CNI DEL answered before its write) that would
+    /// otherwise write the same block again, and race this write for it. Only addresses in
+    /// blocks this call writes are released; [`Assigned::released`] says which handles are
+    /// then free of addresses. Their handle objects are left to [`Ipam::forget_handle`].
+    pub release_with: Vec<String>,
 }
 
 /// A new handle holding `count` addresses of one block.
@@ -223,6 +229,9 @@ pub struct Assigned {
     pub ipv4: Vec<IpAddr>,
     /// IPv6 addresses.
     pub ipv6: Vec<IpAddr>,
+    /// Handles of [`AutoAssignRequest::release_with`] whose addresses this call released, all
+    /// of them: what is left of such a release is its handle object.
+    pub released: Vec<String>,
 }
 
 /// Which tunnel address.
@@ -471,7 +480,11 @@ impl<S: Store> Ipam<S> {
                 "handle already holds addresses; returning them"
             );
             let (ipv4, ipv6) = held.into_iter().partition(|ip| ip.is_ipv4());
-            Ok(Assigned { ipv4, ipv6 })
+            Ok(Assigned {
+                ipv4,
+                ipv6,
+                released: Vec::new(),
+            })
         }
         .instrument(span)
         .await
@@ -497,6 +510,8 @@ impl<S: Store> Ipam<S> {
         let settings = self.settings().await?;
         let pools = self.pools().await?;
         let mut out = Assigned::default();
+        // Handles of `release_with` that a written block held.
+        let mut folded = BTreeSet::new();
         for (fam, want) in [(4u8, req.num_v4), (6u8, req.num_v6)] {
             if want == 0 {
                 continue;
@@ -504,7 +519,15 @@ impl<S: Store> Ipam<S> {
             let mut got = Vec::with_capacity(want);
             let new_handle_only = new_handle_only && out.ipv4.is_empty();
             let result = self
-                .auto_assign_family(req, fam, want, &settings, &pools, new_handle_only, &mut got)
+                .auto_assign_family(
+                    req,
+                    fam,
+                    want,
+                    (&settings, &pools),
+                    new_handle_only,
+                    &mut got,
+                    &mut folded,
+                )
                 .await;
             let result = result.and_then(|()| {
                 if got.len() < want {
@@ -538,6 +561,24 @@ impl<S: Store> Ipam<S> {
                 return Err(e);
             }
         }
+        if !folded.is_empty() {
+            // A handle may also hold addresses in blocks this call did not write.
+            let still_held: BTreeSet<String> = self
+                .store
+                .list_map(|b: &IpamBlock| {
+                    let held: Vec<String> = folded
+                        .iter()
+                        .filter(|h| b.spec.holds_handle(h))
+                        .cloned()
+                        .collect();
+                    (!held.is_empty()).then_some(held)
+                })
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+            out.released = folded.difference(&still_held).cloned().collect();
+        }
         Ok(out)
     }
 
@@ -550,10 +591,10 @@ impl<S: Store> Ipam<S> {
         req: &AutoAssignRequest,
         fam: u8,
         want: usize,
-        settings: &IpamSettings,
-        pools: &PoolSet,
+        (settings, pools): (&IpamSettings, &PoolSet),
         new_handle_only: bool,
         got: &mut Vec<IpAddr>,
+        folded: &mut BTreeSet<String>,
     ) -> Result<(), IpamError> {
         let use_ = req.use_.unwrap_or(AllowedUse::Workload);
         let candidates: Vec<&Pool> = pools
@@ -589,7 +630,14 @@ impl<S: Store> Ipam<S> {
             }
             let exclusive = new_handle_only && got.is_empty();
             let ips = self
-                .assign_from_block(cidr, want - got.len(), req, Some(&req.node), exclusive)
+                .assign_from_block(
+                    cidr,
+                    want - got.len(),
+                    req,
+                    Some(&req.node),
+                    exclusive,
+                    folded,
+                )
                 .await?;
             got.extend(ips);
         }
@@ -612,7 +660,14 @@ impl<S: Store> Ipam<S> {
                 };
                 let exclusive = new_handle_only && got.is_empty();
                 let ips = self
-                    .assign_from_block(&cidr, want - got.len(), req, Some(&req.node), exclusive)
+                    .assign_from_block(
+                        &cidr,
+                        want - got.len(),
+                        req,
+                        Some(&req.node),
+                        exclusive,
+                        folded,
+                    )
                     .await?;
                 got.extend(ips);
             }
@@ -642,7 +697,7 @@ impl<S: Store> Ipam<S> {
                 }
                 let exclusive = new_handle_only && got.is_empty();
                 let ips = self
-                    .assign_from_block(&cidr, want - got.len(), req, None, exclusive)
+                    .assign_from_block(&cidr, want - got.len(), req, None, exclusive, folded)
                     .await?;
                 if !ips.is_empty() {
                     debug!(node = %req.node, block = %cidr, n = ips.len(), "borrowed addresses");
@@ -731,9 +786,11 @@ impl<S: Store> Ipam<S> {
         Ok(out)
     }
 
-    /// Assigns up to `num` addresses from one block (CAS loop). With `require_affinity`, only if
-    /// the block is still affine to that node. With `new_handle_only`, fails with
-    /// [`IpamError::HandleExists`] rather than add to an existing handle.
+    /// Assigns up to `num` addresses from one block (CAS loop), releasing in the same write what
+    /// the block holds of `req.release_with` (those handles go into `folded`). With
+    /// `require_affinity`, only if the block is still affine to that node. With
+    /// `new_handle_only`, fails with [`IpamError::HandleExists`] rather than add to an existing
+    /// handle.
     async fn assign_from_block(
         &self,
         cidr: &IpNet,
@@ -741,6 +798,7 @@ impl<S: Store> Ipam<S> {
         req: &AutoAssignRequest,
         require_affinity: Option<&str>,
         new_handle_only: bool,
+        folded: &mut BTreeSet<String>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let name = block_name(cidr);
         for attempt in 0..self.retry.max_attempts {
@@ -759,19 +817,32 @@ impl<S: Store> Ipam<S> {
                 warn!(block = %name, "skipping corrupt block: {e}");
                 return Ok(Vec::new());
             }
+            // Released first, so a full block has their room (Calico appends freed ordinals to
+            // the end of `unallocated`, so they are reused last otherwise).
+            let releasing: Vec<&String> = req
+                .release_with
+                .iter()
+                .filter(|h| **h != req.handle_id && block.spec.holds_handle(h))
+                .collect();
+            for h in &releasing {
+                let ordinals = block.spec.ordinals_for_handle(h);
+                block.spec.release_ordinals(&ordinals);
+            }
             let ordinals = block.spec.assign(num, &req.handle_id, &req.attributes);
             if ordinals.is_empty() {
                 return Ok(Vec::new());
             }
             let n = ordinals.len() as i64;
+            let done = |folded: &mut BTreeSet<String>| {
+                folded.extend(releasing.iter().map(|h| (*h).clone()));
+                ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect()
+            };
             if new_handle_only {
                 match self
                     .write_block_and_new_handle(&block, &ordinals, &req.handle_id, cidr)
                     .await?
                 {
-                    BlockWrite::Done => {
-                        return Ok(ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect());
-                    }
+                    BlockWrite::Done => return Ok(done(folded)),
                     BlockWrite::Gone => return Ok(Vec::new()),
                     BlockWrite::Conflict => {
                         self.pause(attempt).await;
@@ -781,9 +852,7 @@ impl<S: Store> Ipam<S> {
             }
             self.adjust_handle(&req.handle_id, cidr, n).await?;
             match self.store.update(&block).await {
-                Ok(_) => {
-                    return Ok(ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect());
-                }
+                Ok(_) => return Ok(done(folded)),
                 Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                     // The block write definitely failed: take the handle count back down.
                     self.adjust_handle(&req.handle_id, cidr, -n).await?;
@@ -1256,54 +1325,115 @@ impl<S: Store> Ipam<S> {
     /// A missing handle releases nothing (CNI DEL is idempotent).
     pub async fn release_by_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
         let span = debug_span!("release_by_handle", handle = %handle_id);
-        self.release_by_handle_inner(handle_id)
+        self.release_handles_inner(&[handle_id.to_owned()])
             .instrument(span)
             .await
     }
 
-    async fn release_by_handle_inner(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+    /// [`Ipam::release_by_handle`] for several handles at once, with one write per block
+    /// whatever the number of handles it holds: a node's pods deleted together (a scale-down,
+    /// a drain) free their addresses in a write or two instead of racing each other for the
+    /// same block.
+    pub async fn release_handles(&self, handle_ids: &[String]) -> Result<Vec<IpAddr>, IpamError> {
+        let span = debug_span!("release_handles", n = handle_ids.len());
+        self.release_handles_inner(handle_ids)
+            .instrument(span)
+            .await
+    }
+
+    async fn release_handles_inner(&self, handle_ids: &[String]) -> Result<Vec<IpAddr>, IpamError> {
         // Every allocation names its handle in the block, so the blocks (a cached list in the
-        // agent) say where the handle's addresses are without reading the handle.
-        let blocks = self
+        // agent) say where the handles' addresses are without reading the handles.
+        let holding: Vec<(IpNet, Vec<String>)> = self
             .store
-            .list_where(|b: &IpamBlock| b.spec.holds_handle(handle_id))
+            .list_map(|b: &IpamBlock| {
+                let held: Vec<String> = handle_ids
+                    .iter()
+                    .filter(|h| b.spec.holds_handle(h))
+                    .cloned()
+                    .collect();
+                if held.is_empty() {
+                    return None;
+                }
+                Some((b.spec.parsed_cidr()?, held))
+            })
             .await?;
-        let done: BTreeSet<IpNet> = blocks.iter().filter_map(|b| b.spec.parsed_cidr()).collect();
-        if done.is_empty() {
+        let in_blocks: BTreeSet<&String> = holding.iter().flat_map(|(_, hs)| hs).collect();
+        let mut released = Vec::new();
+        for handle_id in handle_ids.iter().filter(|h| !in_blocks.contains(h)) {
             // Nothing of it in the blocks as this store sees them: the handle, if any, says
             // where to look (and a DEL of an unknown container costs one read).
-            return self.release_by_handle_record(handle_id).await;
+            released.extend(self.release_by_handle_record(handle_id).await?);
         }
+        if in_blocks.is_empty() {
+            released.sort();
+            return Ok(released);
+        }
+        let mut done: BTreeSet<IpNet> = holding.iter().map(|(c, _)| *c).collect();
         let from_blocks = async {
             let mut released = Vec::new();
-            for cidr in &done {
-                released.extend(self.release_handle_in_block(cidr, handle_id).await?);
+            for (cidr, held) in &holding {
+                let select = |b: &crate::model::IpamBlockSpec| {
+                    held.iter().flat_map(|h| b.ordinals_for_handle(h)).collect()
+                };
+                // The handles go whole afterwards, so per-block count updates are skipped.
+                released.extend(self.release_in_block(cidr, select, true).await?);
             }
             Ok::<_, IpamError>(released)
         };
-        // The handle goes at the same time (a round trip saved). If the store returns what it
+        // The handles go at the same time (a round trip saved). If the store returns what one
         // held, that names blocks a stale list could have missed; if the block writes fail,
         // the retried release finds the addresses in the blocks again.
-        let name = handle_name(handle_id);
-        let (released, handle) =
-            futures_util::future::join(from_blocks, self.store.take::<IpamHandle>(&name)).await;
-        let mut released = released?;
-        let handle = match handle {
+        let names: Vec<String> = in_blocks.iter().map(|h| handle_name(h)).collect();
+        let takes =
+            futures_util::future::join_all(names.iter().map(|n| self.store.take::<IpamHandle>(n)));
+        let (from_blocks, taken) = futures_util::future::join(from_blocks, takes).await;
+        released.extend(from_blocks?);
+        for (handle_id, taken) in in_blocks.iter().zip(taken) {
+            let handle = match taken {
+                Ok(h) => h,
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            released.extend(
+                self.release_stragglers(handle_id, handle, &mut done)
+                    .await?,
+            );
+        }
+        released.sort();
+        Ok(released)
+    }
+
+    /// Deletes a handle whose addresses were released already (see
+    /// [`AutoAssignRequest::release_with`]); whatever the handle still names in a block not
+    /// yet looked at is released too.
+    pub async fn forget_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
+        let handle = match self.store.take::<IpamHandle>(&handle_name(handle_id)).await {
             Ok(h) => h,
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        let mut done = done;
+        self.release_stragglers(handle_id, handle, &mut BTreeSet::new())
+            .await
+    }
+
+    /// Releases the handle's addresses in the blocks its object names, other than `done`.
+    async fn release_stragglers(
+        &self,
+        handle_id: &str,
+        handle: Option<IpamHandle>,
+        done: &mut BTreeSet<IpNet>,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut released = Vec::new();
         for key in handle.iter().flat_map(|h| h.spec.block.keys()) {
             let Ok(cidr) = key.parse::<IpNet>() else {
-                warn!(handle = %name, key, "spec.block key is not a CIDR; dropping it");
+                warn!(handle = %handle_name(handle_id), key, "spec.block key is not a CIDR; dropping it");
                 continue;
             };
             if done.insert(cidr) {
                 released.extend(self.release_handle_in_block(&cidr, handle_id).await?);
             }
         }
-        released.sort();
         Ok(released)
     }
 
@@ -1769,6 +1899,7 @@ impl<S: Store> Ipam<S> {
             num_v6: usize::from(kind.family() == 6),
             pools: usable.iter().map(|p| p.cidr).collect(),
             use_: Some(AllowedUse::Tunnel),
+            release_with: Vec::new(),
         };
         let assigned = self.auto_assign(&req).await?;
         Ok(assigned.ipv4.into_iter().chain(assigned.ipv6).next())

@@ -830,6 +830,97 @@ fn assign_and_release_with_an_affine_block_costs_four_writes() {
     );
 }
 
+#[test]
+fn a_promised_release_rides_on_the_next_assignments_block_write() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let gone = run(&store, ipam.assign_once(&req("gone", "n1", 1, 0))).unwrap();
+    let before = store.stats();
+    let next = block_on(ipam.assign_once(&AutoAssignRequest {
+        release_with: vec!["gone".into(), "never-assigned".into()],
+        ..req("next", "n1", 1, 0)
+    }))
+    .unwrap();
+    let mid = store.stats();
+    assert_eq!(next.released, vec!["gone".to_string()]);
+    // One block write holds both the release and the assignment, beside the new handle.
+    assert_eq!(mid.updates - before.updates, 1, "{before:?} -> {mid:?}");
+    assert_eq!(mid.writes() - before.writes(), 2, "{before:?} -> {mid:?}");
+    let held = allocations(&store);
+    assert!(!held.contains_key(&gone.ipv4[0]), "{held:?}");
+    assert_eq!(held.get(&next.ipv4[0]).map(String::as_str), Some("next"));
+    // What is left of the release is the handle object: one delete.
+    let freed = run(&store, ipam.forget_handle("gone")).unwrap();
+    assert!(freed.is_empty(), "nothing left to free: {freed:?}");
+    assert_eq!(store.stats().writes() - mid.writes(), 1);
+    assert!(run(&store, ipam.ips_by_handle("gone")).unwrap().is_empty());
+}
+
+#[test]
+fn a_promised_release_in_a_block_not_written_is_left_for_a_release_by_handle() {
+    let (store, ipam) = new_ipam(
+        &[pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/120", 122)],
+        None,
+    );
+    let gone = run(&store, ipam.assign_once(&req("gone", "n1", 1, 1))).unwrap();
+    let next = block_on(ipam.assign_once(&AutoAssignRequest {
+        release_with: vec!["gone".into()],
+        ..req("next", "n1", 1, 0)
+    }))
+    .unwrap();
+    assert!(
+        next.released.is_empty(),
+        "its IPv6 address is still held: {next:?}"
+    );
+    let held = allocations(&store);
+    assert!(!held.contains_key(&gone.ipv4[0]));
+    assert!(held.contains_key(&gone.ipv6[0]));
+    let freed = run(&store, ipam.release_by_handle("gone")).unwrap();
+    assert_eq!(freed, gone.ipv6);
+}
+
+#[test]
+fn a_full_block_makes_room_from_promised_releases_before_claiming_another() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 29)], None);
+    for i in 0..8 {
+        run(&store, ipam.assign_once(&req(&format!("h{i}"), "n1", 1, 0))).unwrap();
+    }
+    let next = block_on(ipam.assign_once(&AutoAssignRequest {
+        release_with: vec!["h3".into()],
+        ..req("next", "n1", 1, 0)
+    }))
+    .unwrap();
+    assert_eq!(next.released, vec!["h3".to_string()]);
+    assert_eq!(store.snapshot::<IpamBlock>().len(), 1, "no second block");
+    run(&store, ipam.forget_handle("h3")).unwrap();
+}
+
+#[test]
+fn releasing_many_handles_writes_each_block_once() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let handles: Vec<String> = (0..6).map(|i| format!("pod-{i}")).collect();
+    let mut ips = Vec::new();
+    for h in &handles {
+        ips.extend(
+            run(&store, ipam.assign_once(&req(h, "n1", 1, 0)))
+                .unwrap()
+                .ipv4,
+        );
+    }
+    let mut asked = handles.clone();
+    asked.push("unknown".into());
+    let before = store.stats();
+    let mut freed = run(&store, ipam.release_handles(&asked)).unwrap();
+    let after = store.stats();
+    freed.sort();
+    ips.sort();
+    assert_eq!(freed, ips);
+    assert_eq!(after.updates - before.updates, 1, "{before:?} -> {after:?}");
+    assert_eq!(after.deletes - before.deletes, 6, "{before:?} -> {after:?}");
+    assert_eq!(allocations(&store).len(), 1);
+}
+
 fn affinity(node: &str, cidr: &str, state: AffinityState) -> BlockAffinity {
     BlockAffinity::new(
         tortie_ipam::affinity_name(node, &net(cidr)),

@@ -21,9 +21,15 @@ use tortie_ipam::{
 
 #[derive(Debug, Clone)]
 enum Op {
-    Assign { v4: usize, v6: usize },
+    Assign {
+        v4: usize,
+        v6: usize,
+    },
     ReleaseOldestHandle,
     ReleaseOneAddress,
+    /// A CNI DEL answered before its write: the oldest handle's release rides on this task's
+    /// next assignment (`release_with`), its handle object deleted afterwards.
+    PromiseRelease,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -31,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1usize..=3, 0usize..=1).prop_map(|(v4, v6)| Op::Assign { v4, v6 }),
         2 => Just(Op::ReleaseOldestHandle),
         1 => Just(Op::ReleaseOneAddress),
+        1 => Just(Op::PromiseRelease),
     ]
 }
 
@@ -106,6 +113,7 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
             let (ipam, store, held, attempted) = (&ipam, &store, &held, &attempted);
             Box::pin(async move {
                 let mut mine: VecDeque<(String, Vec<IpAddr>)> = VecDeque::new();
+                let mut promised: Vec<String> = Vec::new();
                 for (n, op) in ops.iter().enumerate() {
                     match op {
                         Op::Assign { v4, v6 } => {
@@ -117,6 +125,7 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
                                 node: node.clone(),
                                 num_v4: *v4,
                                 num_v6: *v6,
+                                release_with: promised.clone(),
                                 ..AutoAssignRequest::default()
                             };
                             // Both entry points: the CNI's (handle and block written at
@@ -153,6 +162,14 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
                                         }
                                     }
                                     mine.push_back((handle, ips));
+                                    for gone in &got.released {
+                                        promised.retain(|h| h != gone);
+                                        match ipam.forget_handle(gone).await {
+                                            Ok(_) => {}
+                                            Err(e) if tolerated(&e) => {}
+                                            Err(e) => return Err(format!("forget {gone}: {e}")),
+                                        }
+                                    }
                                 }
                                 Err(e) if tolerated(&e) => {}
                                 Err(e) => return Err(format!("{handle}: {e}")),
@@ -168,6 +185,14 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
                                     Err(e) if tolerated(&e) => {}
                                     Err(e) => return Err(format!("release {handle}: {e}")),
                                 }
+                            }
+                        }
+                        Op::PromiseRelease => {
+                            if let Some((handle, ips)) = mine.pop_front() {
+                                for ip in &ips {
+                                    held.borrow_mut().remove(ip);
+                                }
+                                promised.push(handle);
                             }
                         }
                         Op::ReleaseOneAddress => {
