@@ -167,7 +167,7 @@ struct Agent {
 /// retries the ADD).
 const RELEASE_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
-/// How long a DEL waits for its release to be written before deferring it.
+/// How long a DEL whose release could not be recorded waits for it to be written instead.
 const INLINE_RELEASE_LIMIT: Duration = Duration::from_secs(3);
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -368,9 +368,17 @@ impl Agent {
                             num_v6: usize::from(ipv6),
                             pools: Vec::new(),
                             use_: None,
+                            // Releases answered to DELs ride on this ADD's block write.
+                            release_with: releases.take_for_assignment(),
                         };
                         // A retried ADD gets the addresses it already has.
-                        let a = ipam.assign_once(&req).await?;
+                        let result = ipam.assign_once(&req).await;
+                        let released = result
+                            .as_ref()
+                            .map(|a| a.released.as_slice())
+                            .unwrap_or(&[]);
+                        releases.carried(req.release_with.clone(), released);
+                        let a = result?;
                         Ok::<_, tortie_ipam::IpamError>(a.ipv4.into_iter().chain(a.ipv6).collect())
                     }
                     .await;
@@ -428,38 +436,33 @@ impl Agent {
                         }
                     }
                 });
-                // Released in line: the next ADD on this node writes the same block, so a
-                // release still in flight would only make it conflict. If the API server does
-                // not answer in time, the release is recorded and retried in the background and
-                // the DEL succeeds (the runtime would otherwise keep the pod terminating).
+                // The release is recorded and answered; the next ADD's block write carries it
+                // (see releases.rs). Only if it cannot be recorded is it written in line.
                 let handle_id = pod_handle_id(&container_id);
                 let ipam = self.ipam.clone();
                 let releases = self.releases.clone();
                 tokio::spawn(async move {
-                    let inline = tokio::time::timeout(
-                        INLINE_RELEASE_LIMIT,
-                        ipam.release_by_handle(&handle_id),
-                    )
-                    .await;
-                    let failure = match inline {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) if crate::releases::nothing_left(&e) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(_elapsed) => Some(format!(
-                            "no answer from the API server within {INLINE_RELEASE_LIMIT:?}"
-                        )),
-                    };
-                    let released = match failure {
-                        None => Reply::ok(),
-                        Some(why) => match releases.enqueue(&handle_id) {
-                            Ok(()) => {
-                                warn!(container = %container_id, reason = %why, "address release deferred");
-                                Reply::ok()
+                    let released = match releases.enqueue(&handle_id) {
+                        Ok(()) => Reply::ok(),
+                        Err(persist) => {
+                            warn!(container = %container_id, error = %persist, "releasing in line");
+                            let inline = tokio::time::timeout(
+                                INLINE_RELEASE_LIMIT,
+                                ipam.release_by_handle(&handle_id),
+                            )
+                            .await;
+                            match inline {
+                                Ok(Ok(_)) => Reply::ok(),
+                                Ok(Err(e)) if crate::releases::nothing_left(&e) => Reply::ok(),
+                                Ok(Err(e)) => Reply::err(format!(
+                                    "releasing {container_id}: {e}; and it could not be deferred: {persist}"
+                                )),
+                                Err(_elapsed) => Reply::err(format!(
+                                    "releasing {container_id}: no answer from the API server within \
+                                     {INLINE_RELEASE_LIMIT:?}; and it could not be deferred: {persist}"
+                                )),
                             }
-                            Err(persist) => Reply::err(format!(
-                                "releasing {container_id}: {why}; and it could not be deferred: {persist}"
-                            )),
-                        },
+                        }
                     };
                     let _ = reply.send(Reply {
                         host_if_handled,

@@ -1,12 +1,19 @@
 //! Pod address releases answered to the CNI DEL before the API server has them: persisted
-//! first, retried until written, awaited by an ADD of the same handle.
+//! first, carried by the node's next assignment or written after a short window, retried until
+//! written, awaited by an ADD of the same handle.
 //!
 //! A DEL only needs the sandbox's network gone. The addresses stay allocated in their block
 //! until the release lands, so nobody can be handed them early; what must not happen is losing
 //! the release, hence the file in the run directory (tmpfs: it survives an agent restart, and
-//! after a node reboot the leak collector frees addresses of pods that are gone). The API server
-//! being away then delays the release instead of failing the DEL, which would keep the pod
-//! terminating while the runtime retries.
+//! after a node reboot the leak collector frees addresses of pods that are gone).
+//!
+//! Why not write it at once: the node's pods share a block, and the block is one object with a
+//! resourceVersion. A release written on its own is a second write of the block per pod, and
+//! one in flight makes the next ADD's write of the same block conflict. Instead a release waits
+//! up to [`CARRY_WINDOW`] for an ADD, whose block write frees the old addresses and takes the
+//! new ones at once; releases nobody carried are written together, one write per block, so a
+//! scale-down does not race itself either. The API server being away delays the release
+//! instead of failing the DEL, which would keep the pod terminating while the runtime retries.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,8 +22,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tortie_ipam::{Ipam, Store};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
+/// How long a release waits for an assignment to carry it before it is written on its own.
+pub const CARRY_WINDOW: Duration = Duration::from_millis(300);
 /// First pause after a failed release; doubles up to [`RETRY_CAP`].
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_CAP: Duration = Duration::from_secs(10);
@@ -37,10 +46,31 @@ pub enum ReleaseError {
     StillPending { handle: String, waited: Duration },
 }
 
+/// Where a pending release is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for an assignment to carry it, until its window closes.
+    Waiting,
+    /// Taken by an assignment whose block writes carry it.
+    Carried,
+    /// Being written by the queue itself (window closed, carrying failed, resumed, awaited).
+    Writing,
+}
+
 struct Pending {
     /// Flips to true once the release is written (or given up).
     done_tx: watch::Sender<bool>,
     since: Instant,
+    stage: Stage,
+}
+
+/// What is left to write of a release.
+#[derive(Debug, Clone, Copy)]
+enum Remaining {
+    /// Its addresses and its handle.
+    Everything,
+    /// Only its handle object: an assignment's block write freed the addresses.
+    HandleObject,
 }
 
 /// Whether a failed release means there was nothing (left) to release: retrying cannot help.
@@ -55,6 +85,7 @@ pub fn nothing_left(e: &tortie_ipam::IpamError) -> bool {
 pub struct ReleaseQueue<S: Store + 'static> {
     ipam: Arc<Ipam<S>>,
     path: PathBuf,
+    window: Duration,
     pending: Arc<Mutex<BTreeMap<String, Pending>>>,
     /// How long recent releases took from the DEL's answer to the API server's write, newest
     /// last (bounded).
@@ -69,6 +100,7 @@ impl<S: Store + 'static> Clone for ReleaseQueue<S> {
         Self {
             ipam: self.ipam.clone(),
             path: self.path.clone(),
+            window: self.window,
             pending: self.pending.clone(),
             recent: self.recent.clone(),
             saving: self.saving.clone(),
@@ -80,9 +112,15 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// Opens the queue persisted at `path` and resumes what it holds. Must run on a tokio
     /// runtime.
     pub fn start(ipam: Arc<Ipam<S>>, path: PathBuf) -> Self {
+        Self::with_window(ipam, path, CARRY_WINDOW)
+    }
+
+    /// [`ReleaseQueue::start`] with another carry window.
+    pub fn with_window(ipam: Arc<Ipam<S>>, path: PathBuf, window: Duration) -> Self {
         let queue = Self {
             ipam,
             path,
+            window,
             pending: Arc::default(),
             recent: Arc::default(),
             saving: Arc::default(),
@@ -95,15 +133,16 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             );
         }
         for handle in resumed {
-            queue.track(&handle);
-            queue.spawn_release(handle);
+            queue.track(&handle, Stage::Writing);
+            queue.spawn_write(handle, Remaining::Everything);
         }
         queue
     }
 
-    /// Records the release durably, then writes it to the API server in the background.
+    /// Records the release durably; it is then carried by the next assignment or written
+    /// once the window closes.
     pub fn enqueue(&self, handle: &str) -> Result<(), ReleaseError> {
-        if !self.track(handle) {
+        if !self.track(handle, Stage::Waiting) {
             // Already on its way (a repeated DEL).
             return Ok(());
         }
@@ -111,16 +150,63 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             self.untrack(handle);
             return Err(e);
         }
-        self.spawn_release(handle.to_owned());
+        let queue = self.clone();
+        let handle = handle.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(queue.window).await;
+            queue.write_uncarried(&handle).await;
+        });
         Ok(())
     }
 
+    /// Takes the releases waiting for an assignment, for its `release_with`. The assignment
+    /// then reports with [`ReleaseQueue::carried`], whatever its outcome.
+    pub fn take_for_assignment(&self) -> Vec<String> {
+        let mut pending = self.lock();
+        pending
+            .iter_mut()
+            .filter(|(_, p)| p.stage == Stage::Waiting)
+            .map(|(h, p)| {
+                p.stage = Stage::Carried;
+                h.clone()
+            })
+            .collect()
+    }
+
+    /// After an assignment that took `taken`: the handles in `released` need only their handle
+    /// object deleted; the rest are written by the queue now.
+    pub fn carried(&self, taken: Vec<String>, released: &[String]) {
+        for handle in taken {
+            let remaining = if released.contains(&handle) {
+                Remaining::HandleObject
+            } else {
+                Remaining::Everything
+            };
+            if let Some(p) = self.lock().get_mut(&handle) {
+                p.stage = Stage::Writing;
+            }
+            self.spawn_write(handle, remaining);
+        }
+    }
+
     /// Waits, at most `limit`, until no release of `handle` is pending: an ADD reusing a handle
-    /// must not be handed addresses that a pending release is about to free.
+    /// must not be handed addresses that a pending release is about to free. A release still
+    /// waiting for a carrier is written now.
     pub async fn wait_released(&self, handle: &str, limit: Duration) -> Result<(), ReleaseError> {
-        let Some(mut done) = self.lock().get(handle).map(|p| p.done_tx.subscribe()) else {
-            return Ok(());
+        let (mut done, write_now) = {
+            let mut pending = self.lock();
+            let Some(p) = pending.get_mut(handle) else {
+                return Ok(());
+            };
+            let write_now = p.stage == Stage::Waiting;
+            if write_now {
+                p.stage = Stage::Writing;
+            }
+            (p.done_tx.subscribe(), write_now)
         };
+        if write_now {
+            self.spawn_write(handle.to_owned(), Remaining::Everything);
+        }
         match tokio::time::timeout(limit, done.wait_for(|d| *d)).await {
             Ok(_) => Ok(()),
             Err(_) => Err(ReleaseError::StillPending {
@@ -165,7 +251,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     }
 
     /// Adds the handle; false if it was there already.
-    fn track(&self, handle: &str) -> bool {
+    fn track(&self, handle: &str, stage: Stage) -> bool {
         let mut pending = self.lock();
         if pending.contains_key(handle) {
             return false;
@@ -176,6 +262,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             Pending {
                 done_tx,
                 since: Instant::now(),
+                stage,
             },
         );
         true
@@ -196,26 +283,71 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         recent.push_back(p.since.elapsed());
     }
 
-    fn spawn_release(&self, handle: String) {
+    /// Marks the releases finished and drops them from the file.
+    fn finish(&self, handles: &[String]) {
+        for handle in handles {
+            self.untrack(handle);
+        }
+        if let Err(e) = self.save() {
+            // The entries come back after a restart and are released again: harmless.
+            warn!(error = %e, "could not record finished releases");
+        }
+    }
+
+    /// Writes `own` and every other release whose window closed without a carrier, all
+    /// blocks at once.
+    async fn write_uncarried(&self, own: &str) {
+        let batch: Vec<String> = {
+            let mut pending = self.lock();
+            pending
+                .iter_mut()
+                .filter(|(h, p)| {
+                    p.stage == Stage::Waiting
+                        && (h.as_str() == own || p.since.elapsed() >= self.window)
+                })
+                .map(|(h, p)| {
+                    p.stage = Stage::Writing;
+                    h.clone()
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        match self.ipam.release_handles(&batch).await {
+            Ok(_) => self.finish(&batch),
+            Err(e) if nothing_left(&e) => self.finish(&batch),
+            Err(e) => {
+                warn!(count = batch.len(), error = %e, "address releases failed; retrying each");
+                for handle in batch {
+                    self.spawn_write(handle, Remaining::Everything);
+                }
+            }
+        }
+    }
+
+    fn spawn_write(&self, handle: String, remaining: Remaining) {
         let queue = self.clone();
         tokio::spawn(async move {
-            queue.release_until_written(&handle).await;
-            queue.untrack(&handle);
-            if let Err(e) = queue.save() {
-                // The entry comes back after a restart and is released again: harmless.
-                warn!(handle, error = %e, "could not record a finished release");
-            }
+            queue.write_until_done(&handle, remaining).await;
+            queue.finish(std::slice::from_ref(&handle));
         });
     }
 
-    async fn release_until_written(&self, handle: &str) {
+    async fn write_until_done(&self, handle: &str, remaining: Remaining) {
         let started = Instant::now();
         let mut pause = RETRY_FIRST;
         for attempt in 1u32.. {
-            match self.ipam.release_by_handle(handle).await {
+            let written = match remaining {
+                Remaining::Everything => self.ipam.release_by_handle(handle).await,
+                Remaining::HandleObject => self.ipam.forget_handle(handle).await,
+            };
+            match written {
                 Ok(_) => {
                     if attempt > 1 {
                         info!(handle, attempt, "address release written after retries");
+                    } else {
+                        debug!(handle, ?remaining, "address release written");
                     }
                     return;
                 }
@@ -274,7 +406,8 @@ impl<S: Store + 'static> ReleaseQueue<S> {
 mod tests {
     use super::*;
     use tortie_ipam::{
-        AutoAssignRequest, Faults, IpPool, IpPoolSpec, IpamBlock, MemoryStore, pod_handle_id,
+        AutoAssignRequest, Faults, IpPool, IpPoolSpec, IpamBlock, IpamHandle, MemoryStore,
+        pod_handle_id,
     };
 
     fn ipam_with_pool() -> (Arc<MemoryStore>, Arc<Ipam<Arc<MemoryStore>>>) {
@@ -412,6 +545,100 @@ mod tests {
             .wait_released(&handle, Duration::from_secs(5))
             .await
             .unwrap();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// Polls until nothing is pending (bounded).
+    async fn drained<S: Store>(queue: &ReleaseQueue<S>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while queue.pending_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} still pending",
+                queue.pending_count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn releases_nobody_carried_are_written_together_when_the_window_closes() {
+        let (store, ipam) = ipam_with_pool();
+        for c in ["c1", "c2", "c3"] {
+            assign(&ipam, c).await;
+        }
+        let path = scratch("window");
+        let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(50));
+        let before = store.stats();
+        queue.enqueue(&pod_handle_id("c1")).unwrap();
+        queue.enqueue(&pod_handle_id("c2")).unwrap();
+        assert_eq!(allocated(&store), 3, "nothing written inside the window");
+        drained(&queue).await;
+        let after = store.stats();
+        assert_eq!(allocated(&store), 1);
+        assert_eq!(store.snapshot::<IpamHandle>().len(), 1);
+        assert_eq!(
+            after.updates - before.updates,
+            1,
+            "one block write for both: {before:?} -> {after:?}"
+        );
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_release_carried_by_an_assignment_leaves_only_its_handle_to_delete() {
+        let (store, ipam) = ipam_with_pool();
+        assign(&ipam, "c1").await;
+        assign(&ipam, "c2").await;
+        let path = scratch("carried");
+        // A window the test never reaches: whatever is written, the carrier wrote.
+        let queue = ReleaseQueue::with_window(ipam.clone(), path.clone(), Duration::from_secs(60));
+        queue.enqueue(&pod_handle_id("c1")).unwrap();
+        let taken = queue.take_for_assignment();
+        assert_eq!(taken, vec![pod_handle_id("c1")]);
+        assert!(queue.take_for_assignment().is_empty(), "taken once");
+        let before = store.stats();
+        let got = ipam
+            .assign_once(&AutoAssignRequest {
+                handle_id: pod_handle_id("c3"),
+                node: "n1".into(),
+                num_v4: 1,
+                release_with: taken.clone(),
+                ..AutoAssignRequest::default()
+            })
+            .await
+            .unwrap();
+        queue.carried(taken, &got.released);
+        drained(&queue).await;
+        let after = store.stats();
+        assert_eq!(allocated(&store), 2, "c2 and c3");
+        assert_eq!(
+            after.updates - before.updates,
+            1,
+            "the assignment's block write only: {before:?} -> {after:?}"
+        );
+        let handles: Vec<String> = store
+            .snapshot::<IpamHandle>()
+            .into_iter()
+            .map(|h| h.spec.handle_id)
+            .collect();
+        assert_eq!(handles, vec![pod_handle_id("c2"), pod_handle_id("c3")]);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_release_its_assignment_did_not_carry_is_written_by_the_queue() {
+        let (store, ipam) = ipam_with_pool();
+        assign(&ipam, "c1").await;
+        let path = scratch("not-carried");
+        let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
+        queue.enqueue(&pod_handle_id("c1")).unwrap();
+        let taken = queue.take_for_assignment();
+        // The assignment failed before writing.
+        queue.carried(taken, &[]);
+        drained(&queue).await;
+        assert_eq!(allocated(&store), 0);
+        assert!(store.snapshot::<IpamHandle>().is_empty());
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -223,13 +223,37 @@ fn main() {
         samples.push(total);
         per_pod.push((wall, assigned, total - assigned));
     }
-    // Releases are written before DEL is answered unless the API server is slow; none may be
-    // left deferred here.
-    let status = call(&socket, &serde_json::json!({"op":"status"}));
-    assert_eq!(
-        status["status"]["pending_releases"], 0,
-        "releases deferred during the bench: {status}"
-    );
+    // DEL is answered once its release is recorded; the next ADD's block write carries it, and
+    // the last one is written when its window closes. None may be left behind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = call(&socket, &serde_json::json!({"op":"status"}));
+        if status["status"]["pending_releases"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "releases still pending 10 s after the bench: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Exactly the warm-up pod's address is left allocated.
+    let blocks = c
+        .kubectl(&["get", "ipamblocks.crd.projectcalico.org", "-o", "json"])
+        .unwrap();
+    let blocks: serde_json::Value = serde_json::from_str(&blocks).unwrap();
+    let held: usize = blocks["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["spec"]["affinity"] == "host:n1")
+        .map(|b| {
+            b["spec"]["allocations"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|x| !x.is_null()).count())
+        })
+        .sum();
+    assert_eq!(held, 1, "addresses left allocated on n1 after the bench");
     for ((name, pid), before) in processes.iter().zip(&cpu_before) {
         eprintln!(
             "CPU per pod: {name} {:.2} ms",

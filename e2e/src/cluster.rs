@@ -17,9 +17,13 @@ use crate::netns::Netns;
 use crate::topology::{Topology, TopologySpec};
 use crate::wait::wait_for;
 
-/// The workspace root (this crate lives in `<root>/e2e`).
+/// The workspace root (this crate lives in `<root>/e2e`). Cargo's run-time value first: a
+/// test binary reused from a shared target directory may have been built in another checkout.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
