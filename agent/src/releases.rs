@@ -32,6 +32,9 @@ const RETRY_CAP: Duration = Duration::from_secs(10);
 /// How long a release is retried before it is left to the leak collector (which frees
 /// addresses of pods that no longer exist, after its grace period).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
+/// Failed attempts of a batch of releases before each is retried on its own (one bad object
+/// must not hold up the others; while the API server is away, one batch is one request stream).
+const BATCH_ATTEMPTS: u32 = 3;
 /// Release durations kept for `tortie status`.
 const RECENT_KEPT: usize = 1024;
 
@@ -132,10 +135,10 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                 "resuming address releases of an earlier run"
             );
         }
-        for handle in resumed {
-            queue.track(&handle, Stage::Writing);
-            queue.spawn_write(handle, Remaining::Everything);
+        for handle in &resumed {
+            queue.track(handle, Stage::Writing);
         }
+        queue.spawn_write(resumed, Remaining::Everything);
         queue
     }
 
@@ -151,10 +154,9 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             return Err(e);
         }
         let queue = self.clone();
-        let handle = handle.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(queue.window).await;
-            queue.write_uncarried(&handle).await;
+            queue.write_uncarried().await;
         });
         Ok(())
     }
@@ -176,17 +178,17 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// After an assignment that took `taken`: the handles in `released` need only their handle
     /// object deleted; the rest are written by the queue now.
     pub fn carried(&self, taken: Vec<String>, released: &[String]) {
-        for handle in taken {
-            let remaining = if released.contains(&handle) {
-                Remaining::HandleObject
-            } else {
-                Remaining::Everything
-            };
-            if let Some(p) = self.lock().get_mut(&handle) {
-                p.stage = Stage::Writing;
+        {
+            let mut pending = self.lock();
+            for handle in &taken {
+                if let Some(p) = pending.get_mut(handle) {
+                    p.stage = Stage::Writing;
+                }
             }
-            self.spawn_write(handle, remaining);
         }
+        let (handle_objects, everything) = taken.into_iter().partition(|h| released.contains(h));
+        self.spawn_write(handle_objects, Remaining::HandleObject);
+        self.spawn_write(everything, Remaining::Everything);
     }
 
     /// Waits, at most `limit`, until no release of `handle` is pending: an ADD reusing a handle
@@ -205,7 +207,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             (p.done_tx.subscribe(), write_now)
         };
         if write_now {
-            self.spawn_write(handle.to_owned(), Remaining::Everything);
+            self.spawn_write(vec![handle.to_owned()], Remaining::Everything);
         }
         match tokio::time::timeout(limit, done.wait_for(|d| *d)).await {
             Ok(_) => Ok(()),
@@ -294,80 +296,105 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         }
     }
 
-    /// Writes `own` and every other release whose window closed without a carrier, all
-    /// blocks at once.
-    async fn write_uncarried(&self, own: &str) {
+    /// Writes every release still waiting for a carrier, all blocks at once: the first window
+    /// to close takes the others with it, so DELs arriving together (a scale-down, a drain)
+    /// cost a write per block.
+    async fn write_uncarried(&self) {
         let batch: Vec<String> = {
             let mut pending = self.lock();
             pending
                 .iter_mut()
-                .filter(|(h, p)| {
-                    p.stage == Stage::Waiting
-                        && (h.as_str() == own || p.since.elapsed() >= self.window)
-                })
+                .filter(|(_, p)| p.stage == Stage::Waiting)
                 .map(|(h, p)| {
                     p.stage = Stage::Writing;
                     h.clone()
                 })
                 .collect()
         };
-        if batch.is_empty() {
-            return;
-        }
-        match self.ipam.release_handles(&batch).await {
-            Ok(_) => self.finish(&batch),
-            Err(e) if nothing_left(&e) => self.finish(&batch),
-            Err(e) => {
-                warn!(count = batch.len(), error = %e, "address releases failed; retrying each");
-                for handle in batch {
-                    self.spawn_write(handle, Remaining::Everything);
-                }
-            }
-        }
+        self.spawn_write(batch, Remaining::Everything);
     }
 
-    fn spawn_write(&self, handle: String, remaining: Remaining) {
+    /// Writes the releases in the background, then drops them from the queue.
+    fn spawn_write(&self, handles: Vec<String>, remaining: Remaining) {
+        if handles.is_empty() {
+            return;
+        }
         let queue = self.clone();
         tokio::spawn(async move {
-            queue.write_until_done(&handle, remaining).await;
-            queue.finish(std::slice::from_ref(&handle));
+            let batch_limit = (handles.len() > 1).then_some(BATCH_ATTEMPTS);
+            if queue
+                .write_until_done(&handles, remaining, batch_limit)
+                .await
+            {
+                queue.finish(&handles);
+                return;
+            }
+            warn!(
+                count = handles.len(),
+                "a batch of address releases keeps failing; retrying each on its own"
+            );
+            let each = handles.iter().map(|h| async {
+                let one = std::slice::from_ref(h);
+                queue.write_until_done(one, remaining, None).await;
+                queue.finish(one);
+            });
+            futures::future::join_all(each).await;
         });
     }
 
-    async fn write_until_done(&self, handle: &str, remaining: Remaining) {
+    /// Writes the releases, retrying with backoff; false if `attempts` ran out first. Given up
+    /// (true) after [`GIVE_UP_AFTER`]: the leak collector frees what is left.
+    async fn write_until_done(
+        &self,
+        handles: &[String],
+        remaining: Remaining,
+        attempts: Option<u32>,
+    ) -> bool {
         let started = Instant::now();
         let mut pause = RETRY_FIRST;
         for attempt in 1u32.. {
             let written = match remaining {
-                Remaining::Everything => self.ipam.release_by_handle(handle).await,
-                Remaining::HandleObject => self.ipam.forget_handle(handle).await,
+                Remaining::Everything => self.ipam.release_handles(handles).await.map(|_| ()),
+                Remaining::HandleObject => {
+                    let each = handles.iter().map(|h| self.ipam.forget_handle(h));
+                    futures::future::join_all(each)
+                        .await
+                        .into_iter()
+                        .find(|r| r.as_ref().is_err_and(|e| !nothing_left(e)))
+                        .map_or(Ok(()), |r| r.map(|_| ()))
+                }
             };
             match written {
-                Ok(_) => {
+                Ok(()) => {
                     if attempt > 1 {
-                        info!(handle, attempt, "address release written after retries");
+                        info!(?handles, attempt, "address release written after retries");
                     } else {
-                        debug!(handle, ?remaining, "address release written");
+                        debug!(?handles, ?remaining, "address release written");
                     }
-                    return;
+                    return true;
                 }
-                Err(e) if nothing_left(&e) => return,
+                Err(e) if nothing_left(&e) => return true,
                 Err(e) if started.elapsed() >= GIVE_UP_AFTER => {
                     error!(
-                        handle,
+                        ?handles,
                         attempt,
                         error = %e,
                         "giving up on an address release; the leak collector will free it"
                     );
-                    return;
+                    return true;
+                }
+                Err(e) if attempts.is_some_and(|max| attempt >= max) => {
+                    warn!(?handles, attempt, error = %e, "address release failed");
+                    return false;
                 }
                 Err(e) => {
-                    warn!(handle, attempt, error = %e, retry_in = ?pause, "address release failed");
+                    warn!(?handles, attempt, error = %e, retry_in = ?pause, "address release failed");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_CAP);
                 }
             }
         }
+        true
     }
 
     fn load(&self) -> Vec<String> {
@@ -571,6 +598,8 @@ mod tests {
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(50));
         let before = store.stats();
         queue.enqueue(&pod_handle_id("c1")).unwrap();
+        // DELs of a scale-down arrive some milliseconds apart: the first window takes both.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         queue.enqueue(&pod_handle_id("c2")).unwrap();
         assert_eq!(allocated(&store), 3, "nothing written inside the window");
         drained(&queue).await;
@@ -639,6 +668,54 @@ mod tests {
         drained(&queue).await;
         assert_eq!(allocated(&store), 0);
         assert!(store.snapshot::<IpamHandle>().is_empty());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn one_bad_block_does_not_hold_up_the_other_releases_of_its_batch() {
+        let (store, ipam) = ipam_with_pool();
+        assign(&ipam, "good").await;
+        // The other pod lives in another node's block, which then turns corrupt.
+        ipam.assign_once(&AutoAssignRequest {
+            handle_id: pod_handle_id("bad"),
+            node: "n2".into(),
+            num_v4: 1,
+            ..AutoAssignRequest::default()
+        })
+        .await
+        .unwrap();
+        let intact = store
+            .snapshot::<IpamBlock>()
+            .into_iter()
+            .find(|b| b.spec.affine_node() == Some("n2"))
+            .unwrap();
+        let mut corrupt = intact.clone();
+        let free = corrupt.spec.unallocated[0];
+        corrupt.spec.unallocated.push(free);
+        store.put(&corrupt);
+        let path = scratch("bad-block");
+        let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(10));
+        queue.enqueue(&pod_handle_id("good")).unwrap();
+        queue.enqueue(&pod_handle_id("bad")).unwrap();
+        queue
+            .wait_released(&pod_handle_id("good"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(queue.pending_count(), 1, "the bad block's release is kept");
+        assert_eq!(allocated(&store), 1);
+        // Repaired (by hand, as an operator would): the kept release goes through.
+        let mut repaired = store
+            .snapshot::<IpamBlock>()
+            .into_iter()
+            .find(|b| b.spec.affine_node() == Some("n2"))
+            .unwrap();
+        repaired.spec.unallocated.pop();
+        store.put(&repaired);
+        queue
+            .wait_released(&pod_handle_id("bad"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(allocated(&store), 0);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
