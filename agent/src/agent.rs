@@ -707,7 +707,7 @@ impl Agent {
             &self.routing.status(),
             self.routing.refused_connections(),
             self.workloads.len(),
-            self.releases.pending_count(),
+            self.releases.figures(),
             ready,
         );
         if let Ok(mut t) = self.metrics_text.lock() {

@@ -9,6 +9,7 @@ use tortie_dataplane::Counters;
 use tortie_dataplane::model::RouteKind;
 
 use crate::cluster::ClusterView;
+use crate::releases::ReleaseFigures;
 
 /// Upper bounds (seconds) of the reconcile latency histogram: a single route write takes tens of
 /// microseconds, a full table of 100k routes takes seconds.
@@ -39,7 +40,7 @@ pub fn render(
     peers: &serde_json::Value,
     bgp_refused_connections: u64,
     workloads: usize,
-    pending_releases: usize,
+    releases: ReleaseFigures,
     ready: bool,
 ) -> String {
     let snapshot = Snapshot {
@@ -48,7 +49,7 @@ pub fn render(
         peers: &PeerFigures::from_status(peers),
         bgp_refused_connections,
         workloads,
-        pending_releases,
+        releases,
         ready,
         datastore_ready: crate::datastore::watch::datastore_healthy(),
         watch_restarts: crate::datastore::watch::WATCH_RESTARTS
@@ -67,8 +68,8 @@ pub struct Snapshot<'a> {
     /// BGP connections refused: from an address that is no configured peer.
     pub bgp_refused_connections: u64,
     pub workloads: usize,
-    /// Pod address releases answered to the CNI but not yet written to the API server.
-    pub pending_releases: usize,
+    /// Pod address releases answered to the CNI: pending, and how the written ones went.
+    pub releases: ReleaseFigures,
     /// The agent's readiness (`/readiness`).
     pub ready: bool,
     /// Every datastore watch is currently healthy.
@@ -279,7 +280,7 @@ impl Metrics {
             s.bgp_refused_connections,
         );
         self.render_dataplane(&mut out, dp);
-        render_ipam(&mut out, s.view, s.workloads, s.pending_releases);
+        render_ipam(&mut out, s.view, s.workloads, s.releases);
 
         out.family(
             "tortie_datastore_ready",
@@ -515,7 +516,7 @@ fn render_ipam(
     out: &mut Exposition,
     view: &ClusterView,
     workloads: usize,
-    pending_releases: usize,
+    releases: ReleaseFigures,
 ) {
     out.family(
         "tortie_ipam_blocks_owned",
@@ -560,7 +561,19 @@ fn render_ipam(
         "gauge",
         "Pod address releases the CNI DEL was answered for, not yet written to the API server.",
     );
-    out.sample("tortie_ipam_pending_releases", &[], pending_releases as u64);
+    out.sample("tortie_ipam_pending_releases", &[], releases.pending as u64);
+    out.family(
+        "tortie_ipam_releases_total",
+        "counter",
+        "Pod address releases written: carried by the next assignment's block write, batched with others, or alone.",
+    );
+    for (written, n) in [
+        ("with_assignment", releases.carried),
+        ("batched", releases.batched),
+        ("alone", releases.alone),
+    ] {
+        out.sample("tortie_ipam_releases_total", &[("written", written)], n);
+    }
 }
 
 /// Symbolic name of the errnos a netlink write can meet; others as their number.
@@ -756,7 +769,12 @@ mod tests {
             peers,
             bgp_refused_connections: 4,
             workloads: 2,
-            pending_releases: 3,
+            releases: ReleaseFigures {
+                pending: 3,
+                carried: 5,
+                batched: 6,
+                alone: 1,
+            },
             ready: true,
             datastore_ready: true,
             watch_restarts: 7,
@@ -982,6 +1000,22 @@ mod tests {
         assert_eq!(
             find(&samples, "tortie_ipam_pending_releases", &[]),
             Some(3.0)
+        );
+        assert_eq!(
+            find(
+                &samples,
+                "tortie_ipam_releases_total",
+                &[("written", "with_assignment")]
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            find(
+                &samples,
+                "tortie_ipam_releases_total",
+                &[("written", "batched")]
+            ),
+            Some(6.0)
         );
         assert_eq!(
             find(&samples, "tortie_datastore_watch_restarts_total", &[]),
@@ -1348,7 +1382,7 @@ mod tests {
             peers: &[],
             bgp_refused_connections: 0,
             workloads: 0,
-            pending_releases: 0,
+            releases: ReleaseFigures::default(),
             ready: false,
             datastore_ready: false,
             watch_restarts: 0,

@@ -76,6 +76,29 @@ enum Remaining {
     HandleObject,
 }
 
+/// The queue's figures for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReleaseFigures {
+    /// Releases answered and not yet written.
+    pub pending: usize,
+    /// Releases written so far: carried by an assignment's block write.
+    pub carried: u64,
+    /// Written by the queue in a batch of several.
+    pub batched: u64,
+    /// Written by the queue on their own.
+    pub alone: u64,
+}
+
+/// How writing a release ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Written,
+    /// Retried for [`GIVE_UP_AFTER`].
+    GaveUp,
+    /// The attempts allowed ran out (a batch, retried handle by handle next).
+    OutOfAttempts,
+}
+
 /// Whether a failed release means there was nothing (left) to release: retrying cannot help.
 pub fn nothing_left(e: &tortie_ipam::IpamError) -> bool {
     matches!(
@@ -93,6 +116,8 @@ pub struct ReleaseQueue<S: Store + 'static> {
     /// How long recent releases took from the DEL's answer to the API server's write, newest
     /// last (bounded).
     recent: Arc<Mutex<std::collections::VecDeque<Duration>>>,
+    /// Releases written: carried, batched, alone (see [`ReleaseFigures`]).
+    written: Arc<[std::sync::atomic::AtomicU64; 3]>,
     /// Held from reading `pending` to renaming the file, so the last file written is the
     /// newest state (an older snapshot written late could drop a pending release).
     saving: Arc<Mutex<()>>,
@@ -106,6 +131,7 @@ impl<S: Store + 'static> Clone for ReleaseQueue<S> {
             window: self.window,
             pending: self.pending.clone(),
             recent: self.recent.clone(),
+            written: self.written.clone(),
             saving: self.saving.clone(),
         }
     }
@@ -126,6 +152,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             window,
             pending: Arc::default(),
             recent: Arc::default(),
+            written: Arc::default(),
             saving: Arc::default(),
         };
         let resumed = queue.load();
@@ -221,6 +248,26 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// Releases not yet written.
     pub fn pending_count(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Pending and written releases, for `/metrics`.
+    pub fn figures(&self) -> ReleaseFigures {
+        let n = |i: usize| self.written[i].load(std::sync::atomic::Ordering::Relaxed);
+        ReleaseFigures {
+            pending: self.pending_count(),
+            carried: n(0),
+            batched: n(1),
+            alone: n(2),
+        }
+    }
+
+    fn count_written(&self, handles: &[String], remaining: Remaining) {
+        let slot = match remaining {
+            Remaining::HandleObject => 0,
+            Remaining::Everything if handles.len() > 1 => 1,
+            Remaining::Everything => 2,
+        };
+        self.written[slot].fetch_add(handles.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Age of the oldest pending release, for `tortie status` and the logs.
@@ -322,12 +369,20 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         let queue = self.clone();
         tokio::spawn(async move {
             let batch_limit = (handles.len() > 1).then_some(BATCH_ATTEMPTS);
-            if queue
+            match queue
                 .write_until_done(&handles, remaining, batch_limit)
                 .await
             {
-                queue.finish(&handles);
-                return;
+                Outcome::Written => {
+                    queue.count_written(&handles, remaining);
+                    queue.finish(&handles);
+                    return;
+                }
+                Outcome::GaveUp => {
+                    queue.finish(&handles);
+                    return;
+                }
+                Outcome::OutOfAttempts => {}
             }
             warn!(
                 count = handles.len(),
@@ -335,21 +390,23 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             );
             let each = handles.iter().map(|h| async {
                 let one = std::slice::from_ref(h);
-                queue.write_until_done(one, remaining, None).await;
+                if queue.write_until_done(one, remaining, None).await == Outcome::Written {
+                    queue.count_written(one, remaining);
+                }
                 queue.finish(one);
             });
             futures::future::join_all(each).await;
         });
     }
 
-    /// Writes the releases, retrying with backoff; false if `attempts` ran out first. Given up
-    /// (true) after [`GIVE_UP_AFTER`]: the leak collector frees what is left.
+    /// Writes the releases, retrying with backoff until written, `attempts` run out, or
+    /// [`GIVE_UP_AFTER`] (the leak collector then frees what is left).
     async fn write_until_done(
         &self,
         handles: &[String],
         remaining: Remaining,
         attempts: Option<u32>,
-    ) -> bool {
+    ) -> Outcome {
         let started = Instant::now();
         let mut pause = RETRY_FIRST;
         for attempt in 1u32.. {
@@ -371,9 +428,9 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                     } else {
                         debug!(?handles, ?remaining, "address release written");
                     }
-                    return true;
+                    return Outcome::Written;
                 }
-                Err(e) if nothing_left(&e) => return true,
+                Err(e) if nothing_left(&e) => return Outcome::Written,
                 Err(e) if started.elapsed() >= GIVE_UP_AFTER => {
                     error!(
                         ?handles,
@@ -381,11 +438,11 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                         error = %e,
                         "giving up on an address release; the leak collector will free it"
                     );
-                    return true;
+                    return Outcome::GaveUp;
                 }
                 Err(e) if attempts.is_some_and(|max| attempt >= max) => {
                     warn!(?handles, attempt, error = %e, "address release failed");
-                    return false;
+                    return Outcome::OutOfAttempts;
                 }
                 Err(e) => {
                     warn!(?handles, attempt, error = %e, retry_in = ?pause, "address release failed");
@@ -394,7 +451,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                 }
             }
         }
-        true
+        Outcome::GaveUp
     }
 
     fn load(&self) -> Vec<String> {
@@ -611,6 +668,13 @@ mod tests {
             1,
             "one block write for both: {before:?} -> {after:?}"
         );
+        assert_eq!(
+            queue.figures(),
+            ReleaseFigures {
+                batched: 2,
+                ..ReleaseFigures::default()
+            }
+        );
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
@@ -652,6 +716,7 @@ mod tests {
             .map(|h| h.spec.handle_id)
             .collect();
         assert_eq!(handles, vec![pod_handle_id("c2"), pod_handle_id("c3")]);
+        assert_eq!(queue.figures().carried, 1);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
