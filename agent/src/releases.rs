@@ -181,9 +181,10 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             return Err(e);
         }
         let queue = self.clone();
+        let handle = handle.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(queue.window).await;
-            queue.write_uncarried().await;
+            queue.write_uncarried(&handle).await;
         });
         Ok(())
     }
@@ -343,12 +344,16 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         }
     }
 
-    /// Writes every release still waiting for a carrier, all blocks at once: the first window
-    /// to close takes the others with it, so DELs arriving together (a scale-down, a drain)
-    /// cost a write per block.
-    async fn write_uncarried(&self) {
+    /// If `own` is still waiting for a carrier, writes it and every other release waiting, all
+    /// blocks at once: DELs arriving together (a scale-down, a drain) cost a write per block.
+    /// One already carried leaves the others alone: an ADD about to carry them is likely on its
+    /// way (pods replaced one after another), and writing them now would race its block write.
+    async fn write_uncarried(&self, own: &str) {
         let batch: Vec<String> = {
             let mut pending = self.lock();
+            if pending.get(own).is_none_or(|p| p.stage != Stage::Waiting) {
+                return;
+            }
             pending
                 .iter_mut()
                 .filter(|(_, p)| p.stage == Stage::Waiting)
@@ -780,6 +785,34 @@ mod tests {
             .wait_released(&pod_handle_id("bad"), Duration::from_secs(10))
             .await
             .unwrap();
+        assert_eq!(allocated(&store), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closing_on_a_carried_release_leaves_the_next_one_to_its_carrier() {
+        let (store, ipam) = ipam_with_pool();
+        assign(&ipam, "c1").await;
+        assign(&ipam, "c2").await;
+        let path = scratch("next-one");
+        let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(300));
+        queue.enqueue(&pod_handle_id("c1")).unwrap();
+        let first_carrier = queue.take_for_assignment();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        queue.enqueue(&pod_handle_id("c2")).unwrap();
+        // c1's window closes; c2's is still open and stays for the next ADD.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(allocated(&store), 2);
+        assert_eq!(queue.take_for_assignment(), vec![pod_handle_id("c2")]);
+        let second_carrier = vec![pod_handle_id("c2")];
+        queue.carried(first_carrier, &[]);
+        queue.carried(second_carrier, &[]);
+        for c in ["c1", "c2"] {
+            queue
+                .wait_released(&pod_handle_id(c), Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
         assert_eq!(allocated(&store), 0);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
