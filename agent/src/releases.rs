@@ -89,6 +89,18 @@ pub struct ReleaseFigures {
     pub alone: u64,
 }
 
+/// Moves every release waiting for a carrier to `stage`; returns their handles.
+fn restage_waiting(pending: &mut BTreeMap<String, Pending>, stage: Stage) -> Vec<String> {
+    pending
+        .iter_mut()
+        .filter(|(_, p)| p.stage == Stage::Waiting)
+        .map(|(h, p)| {
+            p.stage = stage;
+            h.clone()
+        })
+        .collect()
+}
+
 /// How writing a release ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -192,15 +204,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// Takes the releases waiting for an assignment, for its `release_with`. The assignment
     /// then reports with [`ReleaseQueue::carried`], whatever its outcome.
     pub fn take_for_assignment(&self) -> Vec<String> {
-        let mut pending = self.lock();
-        pending
-            .iter_mut()
-            .filter(|(_, p)| p.stage == Stage::Waiting)
-            .map(|(h, p)| {
-                p.stage = Stage::Carried;
-                h.clone()
-            })
-            .collect()
+        restage_waiting(&mut self.lock(), Stage::Carried)
     }
 
     /// After an assignment that took `taken`: the handles in `released` need only their handle
@@ -354,14 +358,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             if pending.get(own).is_none_or(|p| p.stage != Stage::Waiting) {
                 return;
             }
-            pending
-                .iter_mut()
-                .filter(|(_, p)| p.stage == Stage::Waiting)
-                .map(|(h, p)| {
-                    p.stage = Stage::Writing;
-                    h.clone()
-                })
-                .collect()
+            restage_waiting(&mut pending, Stage::Writing)
         };
         self.spawn_write(batch, Remaining::Everything);
     }

@@ -563,19 +563,12 @@ impl<S: Store> Ipam<S> {
         }
         if !folded.is_empty() {
             // A handle may also hold addresses in blocks this call did not write.
+            let handles: Vec<String> = folded.iter().cloned().collect();
             let still_held: BTreeSet<String> = self
-                .store
-                .list_map(|b: &IpamBlock| {
-                    let held: Vec<String> = folded
-                        .iter()
-                        .filter(|h| b.spec.holds_handle(h))
-                        .cloned()
-                        .collect();
-                    (!held.is_empty()).then_some(held)
-                })
+                .blocks_holding(&handles)
                 .await?
                 .into_iter()
-                .flatten()
+                .flat_map(|(_, held)| held)
                 .collect();
             out.released = folded.difference(&still_held).cloned().collect();
         }
@@ -1344,20 +1337,7 @@ impl<S: Store> Ipam<S> {
     async fn release_handles_inner(&self, handle_ids: &[String]) -> Result<Vec<IpAddr>, IpamError> {
         // Every allocation names its handle in the block, so the blocks (a cached list in the
         // agent) say where the handles' addresses are without reading the handles.
-        let holding: Vec<(IpNet, Vec<String>)> = self
-            .store
-            .list_map(|b: &IpamBlock| {
-                let held: Vec<String> = handle_ids
-                    .iter()
-                    .filter(|h| b.spec.holds_handle(h))
-                    .cloned()
-                    .collect();
-                if held.is_empty() {
-                    return None;
-                }
-                Some((b.spec.parsed_cidr()?, held))
-            })
-            .await?;
+        let holding = self.blocks_holding(handle_ids).await?;
         let in_blocks: BTreeSet<&String> = holding.iter().flat_map(|(_, hs)| hs).collect();
         let mut released = Vec::new();
         for handle_id in handle_ids.iter().filter(|h| !in_blocks.contains(h)) {
@@ -1402,6 +1382,27 @@ impl<S: Store> Ipam<S> {
         }
         released.sort();
         Ok(released)
+    }
+
+    /// The blocks holding addresses of any of `handle_ids`, each with those it holds.
+    async fn blocks_holding(
+        &self,
+        handle_ids: &[String],
+    ) -> Result<Vec<(IpNet, Vec<String>)>, IpamError> {
+        Ok(self
+            .store
+            .list_map(|b: &IpamBlock| {
+                let held: Vec<String> = handle_ids
+                    .iter()
+                    .filter(|h| b.spec.holds_handle(h))
+                    .cloned()
+                    .collect();
+                if held.is_empty() {
+                    return None;
+                }
+                Some((b.spec.parsed_cidr()?, held))
+            })
+            .await?)
     }
 
     /// Deletes a handle whose addresses were released already (see
