@@ -354,7 +354,10 @@ impl Agent {
                         return;
                     }
                     let result = async {
+                        // Releases answered to DELs ride on this ADD's block write.
+                        let carrying = releases.take_for_assignment(&handle_id);
                         let req = AutoAssignRequest {
+                            release_with: carrying.handles().to_vec(),
                             handle_id,
                             attributes: workload_attributes(
                                 &namespace,
@@ -368,16 +371,10 @@ impl Agent {
                             num_v6: usize::from(ipv6),
                             pools: Vec::new(),
                             use_: None,
-                            // Releases answered to DELs ride on this ADD's block write.
-                            release_with: releases.take_for_assignment(),
                         };
                         // A retried ADD gets the addresses it already has.
                         let result = ipam.assign_once(&req).await;
-                        let released = result
-                            .as_ref()
-                            .map(|a| a.released.as_slice())
-                            .unwrap_or(&[]);
-                        releases.carried(req.release_with.clone(), released);
+                        carrying.done(result.as_ref().map_or(&[][..], |a| &a.released));
                         let a = result?;
                         Ok::<_, tortie_ipam::IpamError>(a.ipv4.into_iter().chain(a.ipv6).collect())
                     }

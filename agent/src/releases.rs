@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,8 +33,9 @@ const RETRY_CAP: Duration = Duration::from_secs(10);
 /// How long a release is retried before it is left to the leak collector (which frees
 /// addresses of pods that no longer exist, after its grace period).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
-/// Failed attempts of a batch of releases before each is retried on its own (one bad object
-/// must not hold up the others; while the API server is away, one batch is one request stream).
+/// Failed attempts of a batch of releases before each is retried on its own, so one bad
+/// object holds up only its own release. (Retried on their own, releases sharing a block may
+/// conflict with each other; compare-and-swap sorts that out at the cost of extra writes.)
 const BATCH_ATTEMPTS: u32 = 3;
 /// Release durations kept for `tortie status`.
 const RECENT_KEPT: usize = 1024;
@@ -52,6 +54,8 @@ pub enum ReleaseError {
 /// Where a pending release is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// Being saved to the file: not to be carried before it is durable.
+    Recording,
     /// Waiting for an assignment to carry it, until its window closes.
     Waiting,
     /// Taken by an assignment whose block writes carry it.
@@ -87,6 +91,45 @@ pub struct ReleaseFigures {
     pub batched: u64,
     /// Written by the queue on their own.
     pub alone: u64,
+}
+
+/// Releases written so far, by how (see [`ReleaseFigures`]).
+#[derive(Default)]
+struct WrittenCounts {
+    carried: AtomicU64,
+    batched: AtomicU64,
+    alone: AtomicU64,
+}
+
+/// Releases an assignment took to carry; handed back with [`Carrying::done`].
+pub struct Carrying<S: Store + 'static> {
+    queue: ReleaseQueue<S>,
+    handles: Vec<String>,
+}
+
+impl<S: Store + 'static> Carrying<S> {
+    /// The handles, for [`tortie_ipam::AutoAssignRequest::release_with`].
+    pub fn handles(&self) -> &[String] {
+        &self.handles
+    }
+
+    /// The assignment finished; `released` are the handles its block writes freed entirely
+    /// ([`tortie_ipam::Assigned::released`]), empty if it failed.
+    pub fn done(mut self, released: &[String]) {
+        let taken = std::mem::take(&mut self.handles);
+        self.queue.assignment_done(taken, released);
+    }
+}
+
+impl<S: Store + 'static> Drop for Carrying<S> {
+    /// An assignment dropped before it finished (a panic, a cancelled task): the queue
+    /// writes what it took, so nothing stays carried forever.
+    fn drop(&mut self) {
+        let taken = std::mem::take(&mut self.handles);
+        if !taken.is_empty() {
+            self.queue.assignment_done(taken, &[]);
+        }
+    }
 }
 
 /// Moves every release waiting for a carrier to `stage`; returns their handles.
@@ -128,8 +171,7 @@ pub struct ReleaseQueue<S: Store + 'static> {
     /// How long recent releases took from the DEL's answer to the API server's write, newest
     /// last (bounded).
     recent: Arc<Mutex<std::collections::VecDeque<Duration>>>,
-    /// Releases written: carried, batched, alone (see [`ReleaseFigures`]).
-    written: Arc<[std::sync::atomic::AtomicU64; 3]>,
+    written: Arc<WrittenCounts>,
     /// Held from reading `pending` to renaming the file, so the last file written is the
     /// newest state (an older snapshot written late could drop a pending release).
     saving: Arc<Mutex<()>>,
@@ -184,13 +226,17 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// Records the release durably; it is then carried by the next assignment or written
     /// once the window closes.
     pub fn enqueue(&self, handle: &str) -> Result<(), ReleaseError> {
-        if !self.track(handle, Stage::Waiting) {
+        if !self.track(handle, Stage::Recording) {
             // Already on its way (a repeated DEL).
             return Ok(());
         }
         if let Err(e) = self.save() {
-            self.untrack(handle);
+            // Nobody took it while it was recording; the caller releases it in line.
+            self.lock().remove(handle);
             return Err(e);
+        }
+        if let Some(p) = self.lock().get_mut(handle) {
+            p.stage = Stage::Waiting;
         }
         let queue = self.clone();
         let handle = handle.to_owned();
@@ -201,15 +247,32 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         Ok(())
     }
 
-    /// Takes the releases waiting for an assignment, for its `release_with`. The assignment
-    /// then reports with [`ReleaseQueue::carried`], whatever its outcome.
-    pub fn take_for_assignment(&self) -> Vec<String> {
-        restage_waiting(&mut self.lock(), Stage::Carried)
+    /// Takes the releases waiting for an assignment, for its `release_with`, except one of the
+    /// assigned handle itself (a DEL of that very sandbox racing its ADD: left to its window).
+    /// Whatever the assignment's outcome, the releases come back through the returned
+    /// [`Carrying`]: [`Carrying::done`], or its drop if the assignment never finished.
+    pub fn take_for_assignment(&self, assigning: &str) -> Carrying<S> {
+        let handles = {
+            let mut pending = self.lock();
+            let own = pending.get(assigning).map(|p| p.stage);
+            let mut taken = restage_waiting(&mut pending, Stage::Carried);
+            if own == Some(Stage::Waiting) {
+                taken.retain(|h| h != assigning);
+                if let Some(p) = pending.get_mut(assigning) {
+                    p.stage = Stage::Waiting;
+                }
+            }
+            taken
+        };
+        Carrying {
+            queue: self.clone(),
+            handles,
+        }
     }
 
     /// After an assignment that took `taken`: the handles in `released` need only their handle
     /// object deleted; the rest are written by the queue now.
-    pub fn carried(&self, taken: Vec<String>, released: &[String]) {
+    fn assignment_done(&self, taken: Vec<String>, released: &[String]) {
         {
             let mut pending = self.lock();
             for handle in &taken {
@@ -257,22 +320,23 @@ impl<S: Store + 'static> ReleaseQueue<S> {
 
     /// Pending and written releases, for `/metrics`.
     pub fn figures(&self) -> ReleaseFigures {
-        let n = |i: usize| self.written[i].load(std::sync::atomic::Ordering::Relaxed);
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ReleaseFigures {
             pending: self.pending_count(),
-            carried: n(0),
-            batched: n(1),
-            alone: n(2),
+            carried: n(&self.written.carried),
+            batched: n(&self.written.batched),
+            alone: n(&self.written.alone),
         }
     }
 
     fn count_written(&self, handles: &[String], remaining: Remaining) {
-        let slot = match remaining {
-            Remaining::HandleObject => 0,
-            Remaining::Everything if handles.len() > 1 => 1,
-            Remaining::Everything => 2,
+        let counter = match remaining {
+            // Only the handle object was left: the block write of an assignment carried it.
+            Remaining::HandleObject => &self.written.carried,
+            Remaining::Everything if handles.len() > 1 => &self.written.batched,
+            Remaining::Everything => &self.written.alone,
         };
-        self.written[slot].fetch_add(handles.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        counter.fetch_add(handles.len() as u64, Ordering::Relaxed);
     }
 
     /// Age of the oldest pending release, for `tortie status` and the logs.
@@ -689,21 +753,24 @@ mod tests {
         // A window the test never reaches: whatever is written, the carrier wrote.
         let queue = ReleaseQueue::with_window(ipam.clone(), path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let taken = queue.take_for_assignment();
-        assert_eq!(taken, vec![pod_handle_id("c1")]);
-        assert!(queue.take_for_assignment().is_empty(), "taken once");
+        let taken = queue.take_for_assignment(&pod_handle_id("c3"));
+        assert_eq!(taken.handles(), [pod_handle_id("c1")]);
+        assert!(
+            queue.take_for_assignment("other").handles().is_empty(),
+            "taken once"
+        );
         let before = store.stats();
         let got = ipam
             .assign_once(&AutoAssignRequest {
                 handle_id: pod_handle_id("c3"),
                 node: "n1".into(),
                 num_v4: 1,
-                release_with: taken.clone(),
+                release_with: taken.handles().to_vec(),
                 ..AutoAssignRequest::default()
             })
             .await
             .unwrap();
-        queue.carried(taken, &got.released);
+        taken.done(&got.released);
         drained(&queue).await;
         let after = store.stats();
         assert_eq!(allocated(&store), 2, "c2 and c3");
@@ -729,9 +796,8 @@ mod tests {
         let path = scratch("not-carried");
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let taken = queue.take_for_assignment();
-        // The assignment failed before writing.
-        queue.carried(taken, &[]);
+        // The assignment failed before writing: its task ended without a word.
+        drop(queue.take_for_assignment("other"));
         drained(&queue).await;
         assert_eq!(allocated(&store), 0);
         assert!(store.snapshot::<IpamHandle>().is_empty());
@@ -794,22 +860,42 @@ mod tests {
         let path = scratch("next-one");
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(300));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let first_carrier = queue.take_for_assignment();
+        let first_carrier = queue.take_for_assignment("c3");
         tokio::time::sleep(Duration::from_millis(200)).await;
         queue.enqueue(&pod_handle_id("c2")).unwrap();
         // c1's window closes; c2's is still open and stays for the next ADD.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(allocated(&store), 2);
-        assert_eq!(queue.take_for_assignment(), vec![pod_handle_id("c2")]);
-        let second_carrier = vec![pod_handle_id("c2")];
-        queue.carried(first_carrier, &[]);
-        queue.carried(second_carrier, &[]);
+        let second_carrier = queue.take_for_assignment("c4");
+        assert_eq!(second_carrier.handles(), [pod_handle_id("c2")]);
+        first_carrier.done(&[]);
+        second_carrier.done(&[]);
         for c in ["c1", "c2"] {
             queue
                 .wait_released(&pod_handle_id(c), Duration::from_secs(5))
                 .await
                 .unwrap();
         }
+        assert_eq!(allocated(&store), 0);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_add_never_carries_the_release_of_its_own_handle() {
+        let (store, ipam) = ipam_with_pool();
+        assign(&ipam, "c1").await;
+        let path = scratch("own-handle");
+        let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
+        queue.enqueue(&pod_handle_id("c1")).unwrap();
+        let carrying = queue.take_for_assignment(&pod_handle_id("c1"));
+        assert!(carrying.handles().is_empty());
+        carrying.done(&[]);
+        // Still waiting: the ADD's wait for its own handle writes it.
+        assert_eq!(allocated(&store), 1);
+        queue
+            .wait_released(&pod_handle_id("c1"), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(allocated(&store), 0);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }

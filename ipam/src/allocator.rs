@@ -511,7 +511,7 @@ impl<S: Store> Ipam<S> {
         let pools = self.pools().await?;
         let mut out = Assigned::default();
         // Handles of `release_with` that a written block held.
-        let mut folded = BTreeSet::new();
+        let mut released_here = BTreeSet::new();
         for (fam, want) in [(4u8, req.num_v4), (6u8, req.num_v6)] {
             if want == 0 {
                 continue;
@@ -526,7 +526,7 @@ impl<S: Store> Ipam<S> {
                     (&settings, &pools),
                     new_handle_only,
                     &mut got,
-                    &mut folded,
+                    &mut released_here,
                 )
                 .await;
             let result = result.and_then(|()| {
@@ -561,16 +561,19 @@ impl<S: Store> Ipam<S> {
                 return Err(e);
             }
         }
-        if !folded.is_empty() {
-            // A handle may also hold addresses in blocks this call did not write.
-            let handles: Vec<String> = folded.iter().cloned().collect();
-            let still_held: BTreeSet<String> = self
-                .blocks_holding(&handles)
-                .await?
-                .into_iter()
-                .flat_map(|(_, held)| held)
-                .collect();
-            out.released = folded.difference(&still_held).cloned().collect();
+        if !released_here.is_empty() {
+            // A handle may also hold addresses in blocks this call did not write. Best effort:
+            // the addresses are assigned, and a handle left unreported is released in full
+            // by the caller instead.
+            let handles: Vec<String> = released_here.iter().cloned().collect();
+            match self.blocks_holding(&handles).await {
+                Ok(holding) => {
+                    let still_held: BTreeSet<String> =
+                        holding.into_iter().flat_map(|(_, held)| held).collect();
+                    out.released = released_here.difference(&still_held).cloned().collect();
+                }
+                Err(e) => debug!("not reporting the releases carried ({e})"),
+            }
         }
         Ok(out)
     }
@@ -587,7 +590,7 @@ impl<S: Store> Ipam<S> {
         (settings, pools): (&IpamSettings, &PoolSet),
         new_handle_only: bool,
         got: &mut Vec<IpAddr>,
-        folded: &mut BTreeSet<String>,
+        released_here: &mut BTreeSet<String>,
     ) -> Result<(), IpamError> {
         let use_ = req.use_.unwrap_or(AllowedUse::Workload);
         let candidates: Vec<&Pool> = pools
@@ -629,7 +632,7 @@ impl<S: Store> Ipam<S> {
                     req,
                     Some(&req.node),
                     exclusive,
-                    folded,
+                    released_here,
                 )
                 .await?;
             got.extend(ips);
@@ -659,7 +662,7 @@ impl<S: Store> Ipam<S> {
                         req,
                         Some(&req.node),
                         exclusive,
-                        folded,
+                        released_here,
                     )
                     .await?;
                 got.extend(ips);
@@ -690,7 +693,7 @@ impl<S: Store> Ipam<S> {
                 }
                 let exclusive = new_handle_only && got.is_empty();
                 let ips = self
-                    .assign_from_block(&cidr, want - got.len(), req, None, exclusive, folded)
+                    .assign_from_block(&cidr, want - got.len(), req, None, exclusive, released_here)
                     .await?;
                 if !ips.is_empty() {
                     debug!(node = %req.node, block = %cidr, n = ips.len(), "borrowed addresses");
@@ -780,7 +783,7 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Assigns up to `num` addresses from one block (CAS loop), releasing in the same write what
-    /// the block holds of `req.release_with` (those handles go into `folded`). With
+    /// the block holds of `req.release_with` (those handles go into `released_here`). With
     /// `require_affinity`, only if the block is still affine to that node. With
     /// `new_handle_only`, fails with [`IpamError::HandleExists`] rather than add to an existing
     /// handle.
@@ -791,7 +794,7 @@ impl<S: Store> Ipam<S> {
         req: &AutoAssignRequest,
         require_affinity: Option<&str>,
         new_handle_only: bool,
-        folded: &mut BTreeSet<String>,
+        released_here: &mut BTreeSet<String>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let name = block_name(cidr);
         for attempt in 0..self.retry.max_attempts {
@@ -810,8 +813,9 @@ impl<S: Store> Ipam<S> {
                 warn!(block = %name, "skipping corrupt block: {e}");
                 return Ok(Vec::new());
             }
-            // Released first, so a full block has their room (Calico appends freed ordinals to
-            // the end of `unallocated`, so they are reused last otherwise).
+            // Released before assigning: this matters only to a full block, which gets their
+            // room (otherwise Calico's free list, freed ordinals appended at its end, reuses them
+            // last). The handle being assigned is never released here, whatever the list says.
             let releasing: Vec<&String> = req
                 .release_with
                 .iter()
@@ -826,8 +830,8 @@ impl<S: Store> Ipam<S> {
                 return Ok(Vec::new());
             }
             let n = ordinals.len() as i64;
-            let done = |folded: &mut BTreeSet<String>| {
-                folded.extend(releasing.iter().map(|h| (*h).clone()));
+            let done = |released_here: &mut BTreeSet<String>| {
+                released_here.extend(releasing.iter().map(|h| (*h).clone()));
                 ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect()
             };
             if new_handle_only {
@@ -835,7 +839,7 @@ impl<S: Store> Ipam<S> {
                     .write_block_and_new_handle(&block, &ordinals, &req.handle_id, cidr)
                     .await?
                 {
-                    BlockWrite::Done => return Ok(done(folded)),
+                    BlockWrite::Done => return Ok(done(released_here)),
                     BlockWrite::Gone => return Ok(Vec::new()),
                     BlockWrite::Conflict => {
                         self.pause(attempt).await;
@@ -845,7 +849,7 @@ impl<S: Store> Ipam<S> {
             }
             self.adjust_handle(&req.handle_id, cidr, n).await?;
             match self.store.update(&block).await {
-                Ok(_) => return Ok(done(folded)),
+                Ok(_) => return Ok(done(released_here)),
                 Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                     // The block write definitely failed: take the handle count back down.
                     self.adjust_handle(&req.handle_id, cidr, -n).await?;
@@ -1406,16 +1410,27 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Deletes a handle whose addresses were released already (see
-    /// [`AutoAssignRequest::release_with`]); whatever the handle still names in a block not
-    /// yet looked at is released too.
+    /// [`AutoAssignRequest::release_with`]). Whatever a block still holds of it, by the blocks'
+    /// own records or by the handle's, is released too, so a retry after a failure finishes
+    /// the job even once the handle object is gone.
     pub async fn forget_handle(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
         let handle = match self.store.take::<IpamHandle>(&handle_name(handle_id)).await {
             Ok(h) => h,
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        self.release_stragglers(handle_id, handle, &mut BTreeSet::new())
-            .await
+        let mut done = BTreeSet::new();
+        let mut released = Vec::new();
+        for (cidr, _) in self.blocks_holding(&[handle_id.to_owned()]).await? {
+            done.insert(cidr);
+            released.extend(self.release_handle_in_block(&cidr, handle_id).await?);
+        }
+        released.extend(
+            self.release_stragglers(handle_id, handle, &mut done)
+                .await?,
+        );
+        released.sort();
+        Ok(released)
     }
 
     /// Releases the handle's addresses in the blocks its object names, other than `done`.
