@@ -1372,17 +1372,31 @@ impl<S: Store> Ipam<S> {
         let takes =
             futures_util::future::join_all(names.iter().map(|n| self.store.take::<IpamHandle>(n)));
         let (from_blocks, taken) = futures_util::future::join(from_blocks, takes).await;
-        released.extend(from_blocks?);
+        // Every handle object taken gets its stragglers looked at, whatever failed: once the
+        // object is gone, only it could have named a block the cached list missed.
+        let mut first_error = None;
+        match from_blocks {
+            Ok(r) => released.extend(r),
+            Err(e) => first_error = Some(e),
+        }
         for (handle_id, taken) in in_blocks.iter().zip(taken) {
             let handle = match taken {
                 Ok(h) => h,
                 Err(StoreError::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    first_error.get_or_insert(e.into());
+                    continue;
+                }
             };
-            released.extend(
-                self.release_stragglers(handle_id, handle, &mut done)
-                    .await?,
-            );
+            match self.release_stragglers(handle_id, handle, &mut done).await {
+                Ok(r) => released.extend(r),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         released.sort();
         Ok(released)
