@@ -237,7 +237,8 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Exactly the warm-up pod's address is left allocated.
+    // Exactly the warm-up pod's address is left allocated (in n1's block, or borrowed from
+    // another's when the pool is full; the other nodes' blocks start empty).
     let blocks = c
         .kubectl(&["get", "ipamblocks.crd.projectcalico.org", "-o", "json"])
         .unwrap();
@@ -246,14 +247,13 @@ fn main() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|b| b["spec"]["affinity"] == "host:n1")
         .map(|b| {
             b["spec"]["allocations"]
                 .as_array()
                 .map_or(0, |a| a.iter().filter(|x| !x.is_null()).count())
         })
         .sum();
-    assert_eq!(held, 1, "addresses left allocated on n1 after the bench");
+    assert_eq!(held, 1, "addresses left allocated after the bench");
     for ((name, pid), before) in processes.iter().zip(&cpu_before) {
         eprintln!(
             "CPU per pod: {name} {:.2} ms",
