@@ -26,6 +26,8 @@ use crate::model::{
 use crate::pool::{AllowedUse, Pool, PoolSet, validate_pools};
 use crate::store::{Store, StoreError};
 
+mod batch;
+pub use batch::BatchAssigned;
 /// Bounds and pacing of compare-and-swap retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -479,7 +481,17 @@ impl<S: Store> Ipam<S> {
                 n = held.len(),
                 "handle already holds addresses; returning them"
             );
-            let (ipv4, ipv6) = held.into_iter().partition(|ip| ip.is_ipv4());
+            let (mut ipv4, mut ipv6): (Vec<IpAddr>, Vec<IpAddr>) =
+                held.into_iter().partition(|ip| ip.is_ipv4());
+            // An earlier write of unknown outcome may have left the handle more than was asked
+            // for: the pod gets what it asked for, the rest goes with its DEL (release by
+            // handle frees everything the handle holds).
+            if req.num_v4 > 0 {
+                ipv4.truncate(req.num_v4);
+            }
+            if req.num_v6 > 0 {
+                ipv6.truncate(req.num_v6);
+            }
             Ok(Assigned {
                 ipv4,
                 ipv6,

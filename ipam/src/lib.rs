@@ -108,8 +108,8 @@ mod selector;
 mod store;
 
 pub use allocator::{
-    Assigned, AutoAssignRequest, DEFAULT_MAX_BLOCKS_PER_HOST, Ipam, IpamError, IpamSettings,
-    NodeReleaseReport, RetryPolicy, TunnelKind,
+    Assigned, AutoAssignRequest, BatchAssigned, DEFAULT_MAX_BLOCKS_PER_HOST, Ipam, IpamError,
+    IpamSettings, NodeReleaseReport, RetryPolicy, TunnelKind,
 };
 pub use block::{BlockInvariantError, Released, ip_to_ordinal, new_block, ordinal_to_ip};
 pub use leak::{DEFAULT_LEAK_GRACE_PERIOD, LeakCollector, LeakReport, LiveState};

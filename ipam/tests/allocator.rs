@@ -935,6 +935,70 @@ fn releasing_many_handles_writes_each_block_once() {
     assert_eq!(allocations(&store).len(), 1);
 }
 
+#[test]
+fn a_burst_of_assignments_is_one_block_write() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let gone = run(&store, ipam.assign_once(&req("gone", "n1", 1, 0))).unwrap();
+    let reqs: Vec<AutoAssignRequest> = (0..10).map(|i| req(&format!("b{i}"), "n1", 1, 0)).collect();
+    let before = store.stats();
+    let out = block_on(ipam.assign_once_batch(&reqs, &["gone".to_string()]));
+    let after = store.stats();
+    assert_eq!(out.released, vec!["gone".to_string()]);
+    assert_eq!(after.updates - before.updates, 1, "{before:?} -> {after:?}");
+    assert_eq!(
+        after.creates - before.creates,
+        10,
+        "{before:?} -> {after:?}"
+    );
+    let held = allocations(&store);
+    assert!(!held.contains_key(&gone.ipv4[0]));
+    let mut ips = Vec::new();
+    for (r, result) in reqs.iter().zip(&out.results) {
+        let a = result.as_ref().unwrap();
+        assert_eq!(a.ipv4.len(), 1);
+        assert_eq!(held.get(&a.ipv4[0]), Some(&r.handle_id));
+        ips.push(a.ipv4[0]);
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 10);
+    run(&store, ipam.forget_handle("gone")).unwrap();
+}
+
+#[test]
+fn a_burst_with_a_retried_add_returns_its_addresses_and_leaks_nothing() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 26)], None);
+    let first = run(&store, ipam.assign_once(&req("again", "n1", 1, 0))).unwrap();
+    let reqs = vec![
+        req("new-1", "n1", 1, 0),
+        req("again", "n1", 1, 0),
+        req("new-2", "n1", 1, 0),
+        // Dual stack is served on its own (no IPv6 pool here: it fails alone).
+        req("dual", "n1", 1, 1),
+    ];
+    let out = run(&store, ipam.assign_once_batch(&reqs, &[]));
+    assert_eq!(out.results[1].as_ref().unwrap().ipv4, first.ipv4);
+    assert!(out.results[0].is_ok() && out.results[2].is_ok());
+    assert!(out.results[3].is_err(), "{:?}", out.results[3]);
+    assert_eq!(allocations(&store).len(), 3);
+}
+
+#[test]
+fn a_burst_larger_than_the_blocks_room_is_served_one_by_one() {
+    let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 29)], None);
+    run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
+    let reqs: Vec<AutoAssignRequest> = (0..10).map(|i| req(&format!("b{i}"), "n1", 1, 0)).collect();
+    let out = run(&store, ipam.assign_once_batch(&reqs, &[]));
+    assert!(out.results.iter().all(Result::is_ok), "{:?}", out.results);
+    assert_eq!(allocations(&store).len(), 11);
+    assert_eq!(
+        store.snapshot::<IpamBlock>().len(),
+        2,
+        "a second block claimed"
+    );
+}
+
 fn affinity(node: &str, cidr: &str, state: AffinityState) -> BlockAffinity {
     BlockAffinity::new(
         tortie_ipam::affinity_name(node, &net(cidr)),

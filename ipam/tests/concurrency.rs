@@ -27,6 +27,11 @@ enum Op {
     },
     ReleaseOldestHandle,
     ReleaseOneAddress,
+    /// Several pods at once, committed together (`assign_once_batch`), carrying the promised
+    /// releases.
+    AssignBatch {
+        n: usize,
+    },
     /// A CNI DEL answered before its write: the oldest handle's release rides on this task's
     /// next assignment (`release_with`), its handle object deleted afterwards.
     PromiseRelease,
@@ -38,6 +43,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::ReleaseOldestHandle),
         1 => Just(Op::ReleaseOneAddress),
         1 => Just(Op::PromiseRelease),
+        1 => (2usize..=4).prop_map(|n| Op::AssignBatch { n }),
     ]
 }
 
@@ -184,6 +190,63 @@ fn run_scenario_on(sc: &Scenario, one_node: bool) {
                                     Ok(_) => {}
                                     Err(e) if tolerated(&e) => {}
                                     Err(e) => return Err(format!("release {handle}: {e}")),
+                                }
+                            }
+                        }
+                        Op::AssignBatch { n: count } => {
+                            let reqs: Vec<AutoAssignRequest> = (0..*count)
+                                .map(|k| {
+                                    let handle = format!("k8s-pod-network.{node}-t{task}-{n}-{k}");
+                                    attempted.borrow_mut().push(handle.clone());
+                                    AutoAssignRequest {
+                                        handle_id: handle.clone(),
+                                        attributes: workload_attributes("ns", &handle, node, "t"),
+                                        node: node.clone(),
+                                        num_v4: 1,
+                                        ..AutoAssignRequest::default()
+                                    }
+                                })
+                                .collect();
+                            let out = ipam.assign_once_batch(&reqs, &promised).await;
+                            // Checked in the same poll as the return: no other task ran.
+                            let actual = allocations(store);
+                            for (req, result) in reqs.iter().zip(&out.results) {
+                                match result {
+                                    Ok(got) => {
+                                        let ips: Vec<IpAddr> =
+                                            got.ipv4.iter().chain(&got.ipv6).copied().collect();
+                                        if ips.len() != 1 {
+                                            return Err(format!("{}: got {ips:?}", req.handle_id));
+                                        }
+                                        for ip in &ips {
+                                            if actual.get(ip) != Some(&req.handle_id) {
+                                                return Err(format!(
+                                                    "{ip} returned to {} but store says {:?}",
+                                                    req.handle_id,
+                                                    actual.get(ip)
+                                                ));
+                                            }
+                                            if let Some(prev) =
+                                                held.borrow_mut().insert(*ip, req.handle_id.clone())
+                                            {
+                                                return Err(format!(
+                                                    "{ip} handed to {} while {prev} holds it",
+                                                    req.handle_id
+                                                ));
+                                            }
+                                        }
+                                        mine.push_back((req.handle_id.clone(), ips));
+                                    }
+                                    Err(e) if tolerated(e) => {}
+                                    Err(e) => return Err(format!("{}: {e}", req.handle_id)),
+                                }
+                            }
+                            for gone in &out.released {
+                                promised.retain(|h| h != gone);
+                                match ipam.forget_handle(gone).await {
+                                    Ok(_) => {}
+                                    Err(e) if tolerated(&e) => {}
+                                    Err(e) => return Err(format!("forget {gone}: {e}")),
                                 }
                             }
                         }
