@@ -1,6 +1,7 @@
 //! The `tortie` binary: node agent, CNI plugin and operator commands.
 
 mod agent;
+mod assigner;
 mod autodetect;
 mod bootstrap;
 mod cluster;

@@ -247,22 +247,21 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         Ok(())
     }
 
-    /// Takes the releases waiting for an assignment, for its `release_with`, except one of the
-    /// assigned handle itself (a DEL of that very sandbox racing its ADD: left to its window).
-    /// Whatever the assignment's outcome, the releases come back through the returned
+    /// Takes the releases waiting for an assignment, for its `release_with`, except those of
+    /// the handles being assigned (a DEL of that very sandbox racing its ADD: left to its
+    /// window). Whatever the assignment's outcome, the releases come back through the returned
     /// [`Carrying`]: [`Carrying::done`], or its drop if the assignment never finished.
-    pub fn take_for_assignment(&self, assigning: &str) -> Carrying<S> {
+    pub fn take_for_assignment(&self, assigning: &[String]) -> Carrying<S> {
         let handles = {
             let mut pending = self.lock();
-            let own = pending.get(assigning).map(|p| p.stage);
-            let mut taken = restage_waiting(&mut pending, Stage::Carried);
-            if own == Some(Stage::Waiting) {
-                taken.retain(|h| h != assigning);
-                if let Some(p) = pending.get_mut(assigning) {
-                    p.stage = Stage::Waiting;
-                }
-            }
-            taken
+            pending
+                .iter_mut()
+                .filter(|(h, p)| p.stage == Stage::Waiting && !assigning.contains(h))
+                .map(|(h, p)| {
+                    p.stage = Stage::Carried;
+                    h.clone()
+                })
+                .collect()
         };
         Carrying {
             queue: self.clone(),
@@ -753,10 +752,10 @@ mod tests {
         // A window the test never reaches: whatever is written, the carrier wrote.
         let queue = ReleaseQueue::with_window(ipam.clone(), path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let taken = queue.take_for_assignment(&pod_handle_id("c3"));
+        let taken = queue.take_for_assignment(&[pod_handle_id("c3")]);
         assert_eq!(taken.handles(), [pod_handle_id("c1")]);
         assert!(
-            queue.take_for_assignment("other").handles().is_empty(),
+            queue.take_for_assignment(&[]).handles().is_empty(),
             "taken once"
         );
         let before = store.stats();
@@ -797,7 +796,7 @@ mod tests {
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
         // The assignment failed before writing: its task ended without a word.
-        drop(queue.take_for_assignment("other"));
+        drop(queue.take_for_assignment(&[]));
         drained(&queue).await;
         assert_eq!(allocated(&store), 0);
         assert!(store.snapshot::<IpamHandle>().is_empty());
@@ -860,13 +859,13 @@ mod tests {
         let path = scratch("next-one");
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(300));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let first_carrier = queue.take_for_assignment("c3");
+        let first_carrier = queue.take_for_assignment(&[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         queue.enqueue(&pod_handle_id("c2")).unwrap();
         // c1's window closes; c2's is still open and stays for the next ADD.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(allocated(&store), 2);
-        let second_carrier = queue.take_for_assignment("c4");
+        let second_carrier = queue.take_for_assignment(&[]);
         assert_eq!(second_carrier.handles(), [pod_handle_id("c2")]);
         first_carrier.done(&[]);
         second_carrier.done(&[]);
@@ -887,7 +886,7 @@ mod tests {
         let path = scratch("own-handle");
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
-        let carrying = queue.take_for_assignment(&pod_handle_id("c1"));
+        let carrying = queue.take_for_assignment(&[pod_handle_id("c1")]);
         assert!(carrying.handles().is_empty());
         carrying.done(&[]);
         // Still waiting: the ADD's wait for its own handle writes it.

@@ -58,6 +58,21 @@ impl<S: Store> Ipam<S> {
         reqs: &[AutoAssignRequest],
         release_with: &[String],
     ) -> BatchAssigned {
+        if let [only] = reqs {
+            let req = AutoAssignRequest {
+                release_with: release_with.to_vec(),
+                ..only.clone()
+            };
+            let result = self.assign_once(&req).await;
+            let released = result
+                .as_ref()
+                .map(|a| a.released.clone())
+                .unwrap_or_default();
+            return BatchAssigned {
+                results: vec![result],
+                released,
+            };
+        }
         let mut results: Vec<Option<Result<Assigned, IpamError>>> =
             reqs.iter().map(|_| None).collect();
         let mut touched: BTreeSet<String> = BTreeSet::new();
