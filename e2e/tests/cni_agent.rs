@@ -312,3 +312,69 @@ fn pods_deleted_together_free_their_addresses_in_one_block_write_and_a_release_r
         );
     }
 }
+
+#[test]
+fn pods_added_together_get_distinct_addresses_in_few_block_writes() {
+    require_root();
+    let Some(c) = start("pods_added_together_get_distinct_addresses_in_few_block_writes") else {
+        return;
+    };
+    let node_addr = c.topo.node("a1").addr.to_string();
+    // The node's block exists before the burst (as on a node that already runs pods).
+    let _first = c.add_pod("a1", "before-burst").unwrap();
+    let writes_before = block_writes(&c);
+    let pods: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let c = &c;
+                s.spawn(move || c.add_pod("a1", &format!("burst-{i}")))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap_or_else(|e| panic!("{e:#}")))
+            .collect()
+    });
+    let writes = block_writes(&c) - writes_before;
+    let mut ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), pods.len(), "an address handed out twice");
+    // Each address is in the datastore under its own pod's handle.
+    let blocks: serde_json::Value =
+        serde_json::from_str(&c.kubectl(&["get", "ipamblocks", "-o", "json"]).unwrap()).unwrap();
+    let handles_in_blocks: Vec<String> = blocks["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            b["spec"]["attributes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|a| a["handle_id"].as_str().map(str::to_owned))
+        .collect();
+    for pod in &pods {
+        assert!(
+            handles_in_blocks
+                .iter()
+                .any(|h| h.ends_with(&pod.container_id)),
+            "{} has no allocation under its handle",
+            pod.name
+        );
+        wait_for("the pod reaches its node", Duration::from_secs(5), || {
+            Ok(pod.ns.ping_once(&node_addr, 200).then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{}: {e:#}\n{}", pod.name, c.logs()));
+    }
+    assert!(
+        writes <= pods.len() as f64,
+        "{writes} block writes for {} pods",
+        pods.len()
+    );
+    eprintln!(
+        "FIGURE {} pods added at once: {writes} block write(s)",
+        pods.len()
+    );
+}
