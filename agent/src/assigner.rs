@@ -71,8 +71,14 @@ impl<S: Store + 'static> Assigner<S> {
             !std::mem::replace(&mut state.busy, true)
         };
         if start {
+            // Made before the spawn: a task dropped before it first runs (runtime shutdown)
+            // still leaves the assigner idle and answers what waits.
+            let on_exit = AbandonOnPanic {
+                state: self.state.clone(),
+                armed: true,
+            };
             let assigner = self.clone();
-            tokio::spawn(async move { assigner.run_batches().await });
+            tokio::spawn(async move { assigner.run_batches(on_exit).await });
         }
         rx.await.unwrap_or(Err(AssignError::Abandoned))
     }
@@ -85,11 +91,7 @@ impl<S: Store + 'static> Assigner<S> {
     }
 
     /// Writes batches until nothing waits.
-    async fn run_batches(&self) {
-        let mut on_exit = AbandonOnPanic {
-            state: self.state.clone(),
-            armed: true,
-        };
+    async fn run_batches(&self, mut on_exit: AbandonOnPanic) {
         loop {
             let batch = {
                 let mut state = self.lock();
@@ -120,8 +122,10 @@ impl<S: Store + 'static> Assigner<S> {
     }
 }
 
-/// If the batch task ends early (a panic), answers what waits `Abandoned` (the senders drop)
-/// and marks the assigner idle, so the next assignment starts a new task.
+/// If the batch task ends early (a panic, or dropped before it ran), answers everything
+/// waiting `Abandoned` (the senders drop; requests not yet tried are abandoned too, and their
+/// runtimes retry the ADD) and marks the assigner idle, so the next assignment starts a new
+/// task.
 struct AbandonOnPanic {
     state: Arc<Mutex<State>>,
     armed: bool,

@@ -484,8 +484,18 @@ impl<S: Store> Ipam<S> {
             let (mut ipv4, mut ipv6): (Vec<IpAddr>, Vec<IpAddr>) =
                 held.into_iter().partition(|ip| ip.is_ipv4());
             // An earlier write of unknown outcome may have left the handle more than was asked
-            // for: the pod gets what it asked for, the rest goes with its DEL (release by
-            // handle frees everything the handle holds).
+            // for: the pod gets what it asked for (which of them may differ from what an
+            // earlier answer said), the rest goes with its DEL (release by handle frees
+            // everything the handle holds).
+            if (req.num_v4 > 0 && ipv4.len() > req.num_v4)
+                || (req.num_v6 > 0 && ipv6.len() > req.num_v6)
+            {
+                warn!(
+                    handle = %req.handle_id,
+                    held = ?ipv4.iter().chain(&ipv6).collect::<Vec<_>>(),
+                    "handle holds more addresses than asked for; returning the first"
+                );
+            }
             if req.num_v4 > 0 {
                 ipv4.truncate(req.num_v4);
             }

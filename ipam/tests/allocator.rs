@@ -985,13 +985,44 @@ fn a_burst_with_a_retried_add_returns_its_addresses_and_leaks_nothing() {
 }
 
 #[test]
-fn a_burst_larger_than_the_blocks_room_is_served_one_by_one() {
+fn a_burst_never_releases_a_handle_it_assigns() {
+    let (store, ipam) = new_ipam(
+        &[pool("v4", "10.0.0.0/24", 26), pool("v6", "fd00::/120", 122)],
+        None,
+    );
+    let before = run(&store, ipam.assign_once(&req("retried", "n1", 1, 1))).unwrap();
+    let reqs = vec![
+        req("a", "n1", 1, 0),
+        req("b", "n1", 1, 0),
+        req("retried", "n1", 1, 1),
+    ];
+    // Its release listed too (a DEL racing the retried ADD): the batch leaves it alone.
+    let out = run(
+        &store,
+        ipam.assign_once_batch(&reqs, &["retried".to_string()]),
+    );
+    assert!(out.released.is_empty(), "{:?}", out.released);
+    assert_eq!(out.results[2].as_ref().unwrap(), &before);
+    let held = allocations(&store);
+    assert_eq!(
+        held.get(&before.ipv4[0]).map(String::as_str),
+        Some("retried")
+    );
+}
+
+#[test]
+fn a_burst_larger_than_the_blocks_room_fills_it_then_goes_one_by_one() {
     let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 29)], None);
     run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
     let reqs: Vec<AutoAssignRequest> = (0..10).map(|i| req(&format!("b{i}"), "n1", 1, 0)).collect();
     let out = run(&store, ipam.assign_once_batch(&reqs, &[]));
     assert!(out.results.iter().all(Result::is_ok), "{:?}", out.results);
     assert_eq!(allocations(&store).len(), 11);
+    let first_block = net(&store.snapshot::<IpamBlock>()[0].spec.cidr);
+    // The first seven fill the node's block in one write.
+    for r in &out.results[..7] {
+        assert!(first_block.contains(&r.as_ref().unwrap().ipv4[0]));
+    }
     assert_eq!(
         store.snapshot::<IpamBlock>().len(),
         2,

@@ -76,12 +76,17 @@ impl<S: Store> Ipam<S> {
         let mut results: Vec<Option<Result<Assigned, IpamError>>> =
             reqs.iter().map(|_| None).collect();
         let mut touched: BTreeSet<String> = BTreeSet::new();
+        // No request's own handle is released by a write of this batch, whichever writes it.
+        let assigning: BTreeSet<&str> = reqs.iter().map(|r| r.handle_id.as_str()).collect();
         for fam in [4u8, 6u8] {
             let group = group_of(reqs, fam);
             if group.len() < 2 {
                 continue;
             }
-            match self.commit_group(reqs, &group, fam, release_with).await {
+            match self
+                .commit_group(reqs, &group, fam, release_with, &assigning)
+                .await
+            {
                 Ok(Some((done, released_here))) => {
                     touched.extend(released_here);
                     for (i, r) in done {
@@ -89,8 +94,9 @@ impl<S: Store> Ipam<S> {
                     }
                 }
                 Ok(None) => debug!(fam, n = group.len(), "no room to commit together"),
-                // Whatever landed is found again by the one-by-one path (a handle that exists
-                // returns its addresses).
+                // A write of unknown outcome: the members' handles stay and count what landed,
+                // which the one-by-one path returns; members whose create failed had their new
+                // addresses given back.
                 Err(e) => debug!(
                     fam,
                     n = group.len(),
@@ -138,7 +144,8 @@ impl<S: Store> Ipam<S> {
     }
 
     /// Writes the group's addresses into the first of the node's affine blocks with room for
-    /// all of them; `None` if none has.
+    /// at least its first member (as many members as fit, in order; the rest are left to the
+    /// one-by-one path); `None` if none has.
     #[allow(clippy::type_complexity)]
     async fn commit_group(
         &self,
@@ -146,6 +153,7 @@ impl<S: Store> Ipam<S> {
         group: &[usize],
         fam: u8,
         release_with: &[String],
+        assigning: &BTreeSet<&str>,
     ) -> Result<Option<(Vec<(usize, Result<Assigned, IpamError>)>, Vec<String>)>, IpamError> {
         let first = &reqs[group[0]];
         let pools = self.pools().await?;
@@ -164,7 +172,7 @@ impl<S: Store> Ipam<S> {
             .filter(|c| in_candidates(c))
         {
             if let Some(done) = self
-                .write_group(cidr, reqs, group, fam, release_with)
+                .write_group(cidr, reqs, group, fam, release_with, assigning)
                 .await?
             {
                 return Ok(Some(done));
@@ -173,8 +181,9 @@ impl<S: Store> Ipam<S> {
         Ok(None)
     }
 
-    /// One block write for the whole group (CAS loop), the handles created beside it; `None`
-    /// if the block is no longer the node's or lacks room.
+    /// One block write for as many members of the group as the block has room for (CAS loop),
+    /// their handles created beside it; `None` if the block is gone, no longer the node's,
+    /// corrupt, or has no room for the first member.
     #[allow(clippy::type_complexity)]
     async fn write_group(
         &self,
@@ -183,10 +192,10 @@ impl<S: Store> Ipam<S> {
         group: &[usize],
         fam: u8,
         release_with: &[String],
+        assigning: &BTreeSet<&str>,
     ) -> Result<Option<(Vec<(usize, Result<Assigned, IpamError>)>, Vec<String>)>, IpamError> {
         let name = block_name(cidr);
         let node = &reqs[group[0]].node;
-        let in_group: BTreeSet<&str> = group.iter().map(|i| reqs[*i].handle_id.as_str()).collect();
         for attempt in 0..self.retry.max_attempts {
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
@@ -202,13 +211,14 @@ impl<S: Store> Ipam<S> {
             }
             let releasing: Vec<String> = release_with
                 .iter()
-                .filter(|h| !in_group.contains(h.as_str()) && block.spec.holds_handle(h))
+                .filter(|h| !assigning.contains(h.as_str()) && block.spec.holds_handle(h))
                 .cloned()
                 .collect();
             for h in &releasing {
                 let ordinals = block.spec.ordinals_for_handle(h);
                 block.spec.release_ordinals(&ordinals);
             }
+            let mut room = block.spec.free_count();
             let mut members: Vec<Member<'_>> = group
                 .iter()
                 .map(|i| {
@@ -221,9 +231,13 @@ impl<S: Store> Ipam<S> {
                         ordinals: Vec::new(),
                     }
                 })
+                .take_while(|m| {
+                    let fits = m.want <= room;
+                    room = room.saturating_sub(m.want);
+                    fits
+                })
                 .collect();
-            let total: usize = members.iter().map(|m| m.want).sum();
-            if block.spec.free_count() < total {
+            if members.is_empty() {
                 return Ok(None);
             }
             for m in &mut members {
@@ -240,10 +254,8 @@ impl<S: Store> Ipam<S> {
                 futures_util::future::join(self.store.update(&block), creates).await;
             match written {
                 Ok(_) => {
-                    return self
-                        .finish_group(cidr, fam, members, created)
-                        .await
-                        .map(|done| Some((done, releasing)));
+                    let done = self.finish_group(cidr, fam, members, created).await;
+                    return Ok(Some((done, releasing)));
                 }
                 Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                     // The block write definitely failed: the handles just made go again.
@@ -253,9 +265,20 @@ impl<S: Store> Ipam<S> {
                     }
                     self.pause(attempt).await;
                 }
-                // The write may have landed: the handles stay and count it; the one-by-one
-                // path finds each request's addresses through its handle.
-                Err(other) => return Err(other.into()),
+                // The write may have landed: the handles created stay and count it (the
+                // one-by-one path returns what they hold); a member whose create failed
+                // (a retried ADD's existing handle) gets its new addresses given back, which
+                // changes nothing if the write did not land.
+                Err(other) => {
+                    let undo = members
+                        .into_iter()
+                        .zip(&created)
+                        .filter(|(_, c)| c.is_err())
+                        .map(|(m, _)| (m.req.handle_id.clone(), m.ordinals.into_iter().collect()))
+                        .collect();
+                    self.give_back(cidr, undo).await;
+                    return Err(other.into());
+                }
             }
         }
         Err(self.too_many::<IpamBlock>(&name))
@@ -270,7 +293,7 @@ impl<S: Store> Ipam<S> {
         fam: u8,
         members: Vec<Member<'_>>,
         created: Vec<Result<(), IpamError>>,
-    ) -> Result<Vec<(usize, Result<Assigned, IpamError>)>, IpamError> {
+    ) -> Vec<(usize, Result<Assigned, IpamError>)> {
         let mut done = Vec::new();
         let mut undo: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
         for (m, c) in members.into_iter().zip(created) {
@@ -299,33 +322,40 @@ impl<S: Store> Ipam<S> {
                 }
             }
         }
-        if !undo.is_empty() {
-            // Exactly the ordinals just written under each handle (it may hold others).
-            let undone = self
-                .release_in_block(
-                    cidr,
-                    |b| {
-                        undo.iter()
-                            .flat_map(|(h, ords)| {
-                                ords.iter()
-                                    .copied()
-                                    .filter(|o| b.handle_at(*o) == Some(h.as_str()))
-                            })
-                            .collect()
-                    },
-                    true,
-                )
-                .await;
-            if let Err(e) = undone {
-                warn!(
-                    block = %cidr,
-                    handles = ?undo.keys().collect::<Vec<_>>(),
-                    "could not give back addresses of a group write ({e}); \
-                     a release by handle or the leak collector will free them"
-                );
-            }
+        self.give_back(cidr, undo).await;
+        done
+    }
+
+    /// Releases exactly the ordinals just written under each handle (it may hold others), best
+    /// effort: what stays is under its handle's ID in the block, where a release by handle
+    /// (the pod's DEL) finds it.
+    async fn give_back(&self, cidr: &IpNet, undo: BTreeMap<String, BTreeSet<u32>>) {
+        if undo.is_empty() {
+            return;
         }
-        Ok(done)
+        let undone = self
+            .release_in_block(
+                cidr,
+                |b| {
+                    undo.iter()
+                        .flat_map(|(h, ords)| {
+                            ords.iter()
+                                .copied()
+                                .filter(|o| b.handle_at(*o) == Some(h.as_str()))
+                        })
+                        .collect()
+                },
+                true,
+            )
+            .await;
+        if let Err(e) = undone {
+            warn!(
+                block = %cidr,
+                handles = ?undo.keys().collect::<Vec<_>>(),
+                "could not give back addresses of a group write ({e}); \
+                 the pods' DELs or the leak collector will free them"
+            );
+        }
     }
 
     /// Deletes the handles a failed group write created.
