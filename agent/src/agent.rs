@@ -449,10 +449,11 @@ impl Agent {
                         Ok(()) => Reply::ok(),
                         Err(persist) => {
                             warn!(container = %container_id, error = %persist, "releasing in line");
-                            let inline = tokio::time::timeout(
-                                INLINE_RELEASE_LIMIT,
-                                ipam.release_by_handle(&handle_id),
-                            )
+                            let turn = releases.turn();
+                            let inline = tokio::time::timeout(INLINE_RELEASE_LIMIT, async {
+                                let _turn = turn.lock().await;
+                                ipam.release_by_handle(&handle_id).await
+                            })
                             .await;
                             match inline {
                                 Ok(Ok(_)) => Reply::ok(),
@@ -580,6 +581,8 @@ impl Agent {
             })
             .collect();
         if self.last_pool_modes.as_ref() != Some(&modes) {
+            let turn = self.releases.turn();
+            let _turn = turn.lock().await;
             match bootstrap::sync_tunnel_addresses(&self.client, &self.ipam, &self.node).await {
                 Ok(t) => {
                     self.last_pool_modes = Some(modes);

@@ -2,9 +2,10 @@
 //! being written share the next block write (`Ipam::assign_once_batch`), and carry the
 //! releases waiting in the [`ReleaseQueue`].
 //!
-//! One batch is written at a time, so the node's assignments never race each other for their
-//! block (calico-ipam serializes them with a host-wide lock for the same reason); a burst of
-//! pods costs a block write or two instead of one per pod.
+//! One batch is written at a time, holding the node's IPAM turn (see [`IpamTurn`]), so the
+//! node's assignments never race each other or its releases for their block (calico-ipam
+//! serializes them with a host-wide lock for the same reason); a burst of pods costs a block
+//! write or two instead of one per pod.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +13,7 @@ use tokio::sync::oneshot;
 use tortie_ipam::{Assigned, AutoAssignRequest, Ipam, Store};
 use tracing::debug;
 
-use crate::releases::ReleaseQueue;
+use crate::releases::{IpamTurn, ReleaseQueue};
 
 /// How an assignment can fail.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ struct State {
 pub struct Assigner<S: Store + 'static> {
     ipam: Arc<Ipam<S>>,
     releases: ReleaseQueue<S>,
+    /// Held while a batch is written (shared with the release queue's writes).
+    turn: IpamTurn,
     state: Arc<Mutex<State>>,
 }
 
@@ -47,6 +50,7 @@ impl<S: Store + 'static> Clone for Assigner<S> {
         Self {
             ipam: self.ipam.clone(),
             releases: self.releases.clone(),
+            turn: self.turn.clone(),
             state: self.state.clone(),
         }
     }
@@ -56,6 +60,7 @@ impl<S: Store + 'static> Assigner<S> {
     pub fn new(ipam: Arc<Ipam<S>>, releases: ReleaseQueue<S>) -> Self {
         Self {
             ipam,
+            turn: releases.turn(),
             releases,
             state: Arc::default(),
         }
@@ -107,8 +112,10 @@ impl<S: Store + 'static> Assigner<S> {
             };
             let (reqs, replies): (Vec<AutoAssignRequest>, Vec<_>) = batch.into_iter().unzip();
             let handles: Vec<String> = reqs.iter().map(|r| r.handle_id.clone()).collect();
+            let turn = self.turn.lock().await;
             let carrying = self.releases.take_for_assignment(&handles);
             let out = self.ipam.assign_once_batch(&reqs, carrying.handles()).await;
+            drop(turn);
             carrying.done(&out.released);
             debug!(
                 pods = reqs.len(),

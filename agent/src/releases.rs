@@ -80,6 +80,13 @@ enum Remaining {
     HandleObject,
 }
 
+/// The node's IPAM writer turn: the queue's release writes, the assigner's batches and the
+/// tunnel address sync each hold it while they write, so the node's own operations never run
+/// concurrently (the allocator expects that of each host, as calico-ipam's host-wide lock
+/// ensures; concurrent claim and release of one block by the same host can leave an affinity
+/// confirmed for a block just deleted).
+pub type IpamTurn = Arc<tokio::sync::Mutex<()>>;
+
 /// The queue's figures for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReleaseFigures {
@@ -172,6 +179,7 @@ pub struct ReleaseQueue<S: Store + 'static> {
     /// last (bounded).
     recent: Arc<Mutex<std::collections::VecDeque<Duration>>>,
     written: Arc<WrittenCounts>,
+    turn: IpamTurn,
     /// Held from reading `pending` to renaming the file, so the last file written is the
     /// newest state (an older snapshot written late could drop a pending release).
     saving: Arc<Mutex<()>>,
@@ -186,6 +194,7 @@ impl<S: Store + 'static> Clone for ReleaseQueue<S> {
             pending: self.pending.clone(),
             recent: self.recent.clone(),
             written: self.written.clone(),
+            turn: self.turn.clone(),
             saving: self.saving.clone(),
         }
     }
@@ -207,6 +216,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             pending: Arc::default(),
             recent: Arc::default(),
             written: Arc::default(),
+            turn: IpamTurn::default(),
             saving: Arc::default(),
         };
         let resumed = queue.load();
@@ -310,6 +320,11 @@ impl<S: Store + 'static> ReleaseQueue<S> {
                 waited: limit,
             }),
         }
+    }
+
+    /// The node's IPAM writer turn, for the other writers to share.
+    pub fn turn(&self) -> IpamTurn {
+        self.turn.clone()
     }
 
     /// Releases not yet written.
@@ -476,7 +491,12 @@ impl<S: Store + 'static> ReleaseQueue<S> {
         let mut pause = RETRY_FIRST;
         for attempt in 1u32.. {
             let written = match remaining {
-                Remaining::Everything => self.ipam.release_handles(handles).await.map(|_| ()),
+                Remaining::Everything => {
+                    let _turn = self.turn.lock().await;
+                    self.ipam.release_handles(handles).await.map(|_| ())
+                }
+                // Handle objects only (and rare stragglers): not worth holding up the next
+                // assignment, which writes the block, not the handles.
                 Remaining::HandleObject => {
                     let each = handles.iter().map(|h| self.ipam.forget_handle(h));
                     futures::future::join_all(each)

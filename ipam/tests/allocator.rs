@@ -1011,7 +1011,7 @@ fn a_burst_never_releases_a_handle_it_assigns() {
 }
 
 #[test]
-fn a_burst_larger_than_the_blocks_room_fills_it_then_goes_one_by_one() {
+fn a_burst_larger_than_the_blocks_room_fills_it_then_the_next_block() {
     let (store, ipam) = new_ipam(&[pool("p", "10.0.0.0/24", 29)], None);
     run(&store, ipam.assign_once(&req("resident", "n1", 1, 0))).unwrap();
     let reqs: Vec<AutoAssignRequest> = (0..10).map(|i| req(&format!("b{i}"), "n1", 1, 0)).collect();
@@ -1019,9 +1019,13 @@ fn a_burst_larger_than_the_blocks_room_fills_it_then_goes_one_by_one() {
     assert!(out.results.iter().all(Result::is_ok), "{:?}", out.results);
     assert_eq!(allocations(&store).len(), 11);
     let first_block = net(&store.snapshot::<IpamBlock>()[0].spec.cidr);
-    // The first seven fill the node's block in one write.
+    // The first seven fill the node's block in one write; the eighth claims a second block
+    // on its own, and the last two go there together.
     for r in &out.results[..7] {
         assert!(first_block.contains(&r.as_ref().unwrap().ipv4[0]));
+    }
+    for r in &out.results[7..] {
+        assert!(!first_block.contains(&r.as_ref().unwrap().ipv4[0]));
     }
     assert_eq!(
         store.snapshot::<IpamBlock>().len(),

@@ -28,6 +28,16 @@ pub struct BatchAssigned {
     pub released: Vec<String>,
 }
 
+/// What one group write did.
+struct GroupWrite {
+    /// Requests answered, by index.
+    done: Vec<(usize, Result<Assigned, IpamError>)>,
+    /// Requests that were in the write (answered, or left to the one-by-one path).
+    tried: Vec<usize>,
+    /// Handles of `release_with` released in the write.
+    released: Vec<String>,
+}
+
 /// One request of a group, with what the block write gave it.
 struct Member<'a> {
     index: usize,
@@ -79,44 +89,41 @@ impl<S: Store> Ipam<S> {
         // No request's own handle is released by a write of this batch, whichever writes it.
         let assigning: BTreeSet<&str> = reqs.iter().map(|r| r.handle_id.as_str()).collect();
         for fam in [4u8, 6u8] {
-            let group = group_of(reqs, fam);
-            if group.len() < 2 {
-                continue;
-            }
-            match self
-                .commit_group(reqs, &group, fam, release_with, &assigning)
-                .await
-            {
-                Ok(Some((done, released_here))) => {
-                    touched.extend(released_here);
-                    for (i, r) in done {
-                        results[i] = Some(r);
+            let mut left = group_of(reqs, fam);
+            // Every round serves at least one request: bounded by the batch's size.
+            while left.len() >= 2 {
+                match self
+                    .commit_group(reqs, &left, fam, release_with, &assigning)
+                    .await
+                {
+                    Ok(Some(group)) => {
+                        touched.extend(group.released);
+                        for (i, r) in group.done {
+                            results[i] = Some(r);
+                        }
+                        // Members that did not get theirs here (a retried ADD) go one by one.
+                        left.retain(|i| !group.tried.contains(i));
+                        continue;
+                    }
+                    Ok(None) => debug!(fam, n = left.len(), "no room to commit together"),
+                    // A write of unknown outcome: the members' handles stay and count what
+                    // landed, which the one-by-one path returns; members whose create failed
+                    // had their new addresses given back.
+                    Err(e) => {
+                        debug!(fam, n = left.len(), "group commit failed ({e}); one by one");
+                        break;
                     }
                 }
-                Ok(None) => debug!(fam, n = group.len(), "no room to commit together"),
-                // A write of unknown outcome: the members' handles stay and count what landed,
-                // which the one-by-one path returns; members whose create failed had their new
-                // addresses given back.
-                Err(e) => debug!(
-                    fam,
-                    n = group.len(),
-                    "group commit failed ({e}); one by one"
-                ),
+                // No affine block with room: the first one on its own (it claims a block or
+                // borrows), then the others try together again.
+                let i = left.remove(0);
+                results[i] = Some(self.serve_alone(&reqs[i], release_with, &mut touched).await);
             }
         }
         for (i, slot) in results.iter_mut().enumerate() {
-            if slot.is_some() {
-                continue;
+            if slot.is_none() {
+                *slot = Some(self.serve_alone(&reqs[i], release_with, &mut touched).await);
             }
-            let req = AutoAssignRequest {
-                release_with: release_with.to_vec(),
-                ..reqs[i].clone()
-            };
-            let r = self.assign_once(&req).await;
-            if let Ok(a) = &r {
-                touched.extend(a.released.iter().cloned());
-            }
-            *slot = Some(r);
         }
         let released = if touched.is_empty() {
             Vec::new()
@@ -143,10 +150,27 @@ impl<S: Store> Ipam<S> {
         }
     }
 
+    /// [`Ipam::assign_once`] for one request of a batch, noting the releases it carried.
+    async fn serve_alone(
+        &self,
+        req: &AutoAssignRequest,
+        release_with: &[String],
+        touched: &mut BTreeSet<String>,
+    ) -> Result<Assigned, IpamError> {
+        let req = AutoAssignRequest {
+            release_with: release_with.to_vec(),
+            ..req.clone()
+        };
+        let r = self.assign_once(&req).await;
+        if let Ok(a) = &r {
+            touched.extend(a.released.iter().cloned());
+        }
+        r
+    }
+
     /// Writes the group's addresses into the first of the node's affine blocks with room for
     /// at least its first member (as many members as fit, in order; the rest are left to the
     /// one-by-one path); `None` if none has.
-    #[allow(clippy::type_complexity)]
     async fn commit_group(
         &self,
         reqs: &[AutoAssignRequest],
@@ -154,7 +178,7 @@ impl<S: Store> Ipam<S> {
         fam: u8,
         release_with: &[String],
         assigning: &BTreeSet<&str>,
-    ) -> Result<Option<(Vec<(usize, Result<Assigned, IpamError>)>, Vec<String>)>, IpamError> {
+    ) -> Result<Option<GroupWrite>, IpamError> {
         let first = &reqs[group[0]];
         let pools = self.pools().await?;
         let in_candidates = |cidr: &IpNet| {
@@ -184,7 +208,6 @@ impl<S: Store> Ipam<S> {
     /// One block write for as many members of the group as the block has room for (CAS loop),
     /// their handles created beside it; `None` if the block is gone, no longer the node's,
     /// corrupt, or has no room for the first member.
-    #[allow(clippy::type_complexity)]
     async fn write_group(
         &self,
         cidr: &IpNet,
@@ -193,7 +216,7 @@ impl<S: Store> Ipam<S> {
         fam: u8,
         release_with: &[String],
         assigning: &BTreeSet<&str>,
-    ) -> Result<Option<(Vec<(usize, Result<Assigned, IpamError>)>, Vec<String>)>, IpamError> {
+    ) -> Result<Option<GroupWrite>, IpamError> {
         let name = block_name(cidr);
         let node = &reqs[group[0]].node;
         for attempt in 0..self.retry.max_attempts {
@@ -254,8 +277,13 @@ impl<S: Store> Ipam<S> {
                 futures_util::future::join(self.store.update(&block), creates).await;
             match written {
                 Ok(_) => {
+                    let tried = members.iter().map(|m| m.index).collect();
                     let done = self.finish_group(cidr, fam, members, created).await;
-                    return Ok(Some((done, releasing)));
+                    return Ok(Some(GroupWrite {
+                        done,
+                        tried,
+                        released: releasing,
+                    }));
                 }
                 Err(e @ (StoreError::Conflict { .. } | StoreError::NotFound { .. })) => {
                     // The block write definitely failed: the handles just made go again.
