@@ -28,6 +28,7 @@ use crate::store::{Store, StoreError};
 
 mod batch;
 pub use batch::BatchAssigned;
+
 /// Bounds and pacing of compare-and-swap retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -583,21 +584,30 @@ impl<S: Store> Ipam<S> {
                 return Err(e);
             }
         }
-        if !released_here.is_empty() {
-            // A handle may also hold addresses in blocks this call did not write. Best effort:
-            // the addresses are assigned, and a handle left unreported is released in full
-            // by the caller instead.
-            let handles: Vec<String> = released_here.iter().cloned().collect();
-            match self.blocks_holding(&handles).await {
-                Ok(holding) => {
-                    let still_held: BTreeSet<String> =
-                        holding.into_iter().flat_map(|(_, held)| held).collect();
-                    out.released = released_here.difference(&still_held).cloned().collect();
-                }
-                Err(e) => debug!("not reporting the releases carried ({e})"),
+        out.released = self.fully_released(released_here).await;
+        Ok(out)
+    }
+
+    /// Of the handles whose addresses a write just released, those no block holds any more
+    /// (a handle may also hold addresses in blocks the write did not touch). Best effort: the
+    /// assignment stands either way, and a handle left unreported is released in full by the
+    /// caller instead.
+    async fn fully_released(&self, released_here: BTreeSet<String>) -> Vec<String> {
+        if released_here.is_empty() {
+            return Vec::new();
+        }
+        let handles: Vec<String> = released_here.iter().cloned().collect();
+        match self.blocks_holding(&handles).await {
+            Ok(holding) => {
+                let still_held: BTreeSet<String> =
+                    holding.into_iter().flat_map(|(_, held)| held).collect();
+                released_here.difference(&still_held).cloned().collect()
+            }
+            Err(e) => {
+                debug!("not reporting the releases carried ({e})");
+                Vec::new()
             }
         }
-        Ok(out)
     }
 
     /// Assigns up to `want` addresses of one family into `got`; an error may leave `got`
@@ -838,22 +848,16 @@ impl<S: Store> Ipam<S> {
             // Released before assigning: this matters only to a full block, which gets their
             // room (otherwise Calico's free list, freed ordinals appended at its end, reuses them
             // last). The handle being assigned is never released here, whatever the list says.
-            let releasing: Vec<&String> = req
-                .release_with
-                .iter()
-                .filter(|h| **h != req.handle_id && block.spec.holds_handle(h))
-                .collect();
-            for h in &releasing {
-                let ordinals = block.spec.ordinals_for_handle(h);
-                block.spec.release_ordinals(&ordinals);
-            }
+            let releasing = block
+                .spec
+                .release_carried(&req.release_with, |h| h == req.handle_id);
             let ordinals = block.spec.assign(num, &req.handle_id, &req.attributes);
             if ordinals.is_empty() {
                 return Ok(Vec::new());
             }
             let n = ordinals.len() as i64;
             let done = |released_here: &mut BTreeSet<String>| {
-                released_here.extend(releasing.iter().map(|h| (*h).clone()));
+                released_here.extend(releasing.iter().cloned());
                 ordinals.iter().map(|o| ordinal_to_ip(cidr, *o)).collect()
             };
             if new_handle_only {

@@ -244,6 +244,24 @@ impl IpamBlockSpec {
         self.release_ordinals(&ordinals)
     }
 
+    /// Frees what the block holds of `handles`, skipping those `keep` names; returns the
+    /// handles it freed addresses of (releases carried by an assignment's write).
+    pub fn release_carried(
+        &mut self,
+        handles: &[String],
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let carried: Vec<String> = handles
+            .iter()
+            .filter(|h| !keep(h) && self.holds_handle(h))
+            .cloned()
+            .collect();
+        for h in &carried {
+            self.release_handle(h);
+        }
+        carried
+    }
+
     /// Drops attributes no allocation points to and renumbers the rest.
     fn compact_attributes(&mut self) {
         let mut used = vec![false; self.attributes.len()];

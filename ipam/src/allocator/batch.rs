@@ -28,6 +28,14 @@ pub struct BatchAssigned {
     pub released: Vec<String>,
 }
 
+/// What every group write of one batch shares.
+struct Batch<'a> {
+    reqs: &'a [AutoAssignRequest],
+    release_with: &'a [String],
+    /// Every request's handle: none of them is released by the batch's writes.
+    assigning: BTreeSet<&'a str>,
+}
+
 /// What one group write did.
 struct GroupWrite {
     /// Requests answered, by index.
@@ -69,33 +77,28 @@ impl<S: Store> Ipam<S> {
         release_with: &[String],
     ) -> BatchAssigned {
         if let [only] = reqs {
-            let req = AutoAssignRequest {
-                release_with: release_with.to_vec(),
-                ..only.clone()
-            };
-            let result = self.assign_once(&req).await;
-            let released = result
-                .as_ref()
-                .map(|a| a.released.clone())
-                .unwrap_or_default();
+            // `assign_once` checked its report already.
+            let mut released = BTreeSet::new();
+            let result = self.serve_alone(only, release_with, &mut released).await;
             return BatchAssigned {
                 results: vec![result],
-                released,
+                released: released.into_iter().collect(),
             };
         }
         let mut results: Vec<Option<Result<Assigned, IpamError>>> =
             reqs.iter().map(|_| None).collect();
         let mut touched: BTreeSet<String> = BTreeSet::new();
         // No request's own handle is released by a write of this batch, whichever writes it.
-        let assigning: BTreeSet<&str> = reqs.iter().map(|r| r.handle_id.as_str()).collect();
+        let batch = Batch {
+            reqs,
+            release_with,
+            assigning: reqs.iter().map(|r| r.handle_id.as_str()).collect(),
+        };
         for fam in [4u8, 6u8] {
             let mut left = group_of(reqs, fam);
             // Every round serves at least one request: bounded by the batch's size.
             while left.len() >= 2 {
-                match self
-                    .commit_group(reqs, &left, fam, release_with, &assigning)
-                    .await
-                {
+                match self.commit_group(&batch, &left, fam).await {
                     Ok(Some(group)) => {
                         touched.extend(group.released);
                         for (i, r) in group.done {
@@ -125,22 +128,7 @@ impl<S: Store> Ipam<S> {
                 *slot = Some(self.serve_alone(&reqs[i], release_with, &mut touched).await);
             }
         }
-        let released = if touched.is_empty() {
-            Vec::new()
-        } else {
-            let handles: Vec<String> = touched.iter().cloned().collect();
-            match self.blocks_holding(&handles).await {
-                Ok(holding) => {
-                    let held: BTreeSet<String> =
-                        holding.into_iter().flat_map(|(_, hs)| hs).collect();
-                    touched.difference(&held).cloned().collect()
-                }
-                Err(e) => {
-                    debug!("not reporting the releases carried ({e})");
-                    Vec::new()
-                }
-            }
-        };
+        let released = self.fully_released(touched).await;
         BatchAssigned {
             results: results
                 .into_iter()
@@ -173,13 +161,11 @@ impl<S: Store> Ipam<S> {
     /// one-by-one path); `None` if none has.
     async fn commit_group(
         &self,
-        reqs: &[AutoAssignRequest],
+        batch: &Batch<'_>,
         group: &[usize],
         fam: u8,
-        release_with: &[String],
-        assigning: &BTreeSet<&str>,
     ) -> Result<Option<GroupWrite>, IpamError> {
-        let first = &reqs[group[0]];
+        let first = &batch.reqs[group[0]];
         let pools = self.pools().await?;
         let in_candidates = |cidr: &IpNet| {
             pools.valid.iter().any(|p| {
@@ -195,10 +181,7 @@ impl<S: Store> Ipam<S> {
             .map(|(c, _)| c)
             .filter(|c| in_candidates(c))
         {
-            if let Some(done) = self
-                .write_group(cidr, reqs, group, fam, release_with, assigning)
-                .await?
-            {
+            if let Some(done) = self.write_group(cidr, batch, group, fam).await? {
                 return Ok(Some(done));
             }
         }
@@ -211,14 +194,12 @@ impl<S: Store> Ipam<S> {
     async fn write_group(
         &self,
         cidr: &IpNet,
-        reqs: &[AutoAssignRequest],
+        batch: &Batch<'_>,
         group: &[usize],
         fam: u8,
-        release_with: &[String],
-        assigning: &BTreeSet<&str>,
     ) -> Result<Option<GroupWrite>, IpamError> {
         let name = block_name(cidr);
-        let node = &reqs[group[0]].node;
+        let node = &batch.reqs[group[0]].node;
         for attempt in 0..self.retry.max_attempts {
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
@@ -232,20 +213,14 @@ impl<S: Store> Ipam<S> {
                 warn!(block = %name, "skipping corrupt block: {e}");
                 return Ok(None);
             }
-            let releasing: Vec<String> = release_with
-                .iter()
-                .filter(|h| !assigning.contains(h.as_str()) && block.spec.holds_handle(h))
-                .cloned()
-                .collect();
-            for h in &releasing {
-                let ordinals = block.spec.ordinals_for_handle(h);
-                block.spec.release_ordinals(&ordinals);
-            }
+            let releasing = block
+                .spec
+                .release_carried(batch.release_with, |h| batch.assigning.contains(h));
             let mut room = block.spec.free_count();
             let mut members: Vec<Member<'_>> = group
                 .iter()
                 .map(|i| {
-                    let req = &reqs[*i];
+                    let req = &batch.reqs[*i];
                     let want = if fam == 4 { req.num_v4 } else { req.num_v6 };
                     Member {
                         index: *i,
