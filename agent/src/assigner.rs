@@ -155,7 +155,7 @@ impl Drop for AbandonOnPanic {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tortie_ipam::{IpPool, IpPoolSpec, MemoryStore, pod_handle_id};
+    use tortie_ipam::pod_handle_id;
 
     fn req(container: &str) -> AutoAssignRequest {
         AutoAssignRequest {
@@ -168,15 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn pods_arriving_together_share_one_block_write() {
-        let store = Arc::new(MemoryStore::new());
-        store.put(&IpPool::new(
-            "p",
-            IpPoolSpec {
-                cidr: "10.0.0.0/24".into(),
-                ..IpPoolSpec::default()
-            },
-        ));
-        let ipam = Arc::new(Ipam::new(store.clone()));
+        let (store, ipam) = crate::releases::tests::ipam_with_pool();
         let dir = std::env::temp_dir().join(format!("tortie-assigner-{}", std::process::id()));
         let releases = ReleaseQueue::start(ipam.clone(), dir.join("pending-releases.json"));
         let assigner = Assigner::new(ipam, releases);

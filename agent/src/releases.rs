@@ -139,11 +139,16 @@ impl<S: Store + 'static> Drop for Carrying<S> {
     }
 }
 
-/// Moves every release waiting for a carrier to `stage`; returns their handles.
-fn restage_waiting(pending: &mut BTreeMap<String, Pending>, stage: Stage) -> Vec<String> {
+/// Moves every release waiting for a carrier, other than `except`'s, to `stage`; returns
+/// their handles.
+fn restage_waiting(
+    pending: &mut BTreeMap<String, Pending>,
+    stage: Stage,
+    except: &[String],
+) -> Vec<String> {
     pending
         .iter_mut()
-        .filter(|(_, p)| p.stage == Stage::Waiting)
+        .filter(|(h, p)| p.stage == Stage::Waiting && !except.contains(h))
         .map(|(h, p)| {
             p.stage = stage;
             h.clone()
@@ -262,17 +267,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
     /// window). Whatever the assignment's outcome, the releases come back through the returned
     /// [`Carrying`]: [`Carrying::done`], or its drop if the assignment never finished.
     pub fn take_for_assignment(&self, assigning: &[String]) -> Carrying<S> {
-        let handles = {
-            let mut pending = self.lock();
-            pending
-                .iter_mut()
-                .filter(|(h, p)| p.stage == Stage::Waiting && !assigning.contains(h))
-                .map(|(h, p)| {
-                    p.stage = Stage::Carried;
-                    h.clone()
-                })
-                .collect()
-        };
+        let handles = restage_waiting(&mut self.lock(), Stage::Carried, assigning);
         Carrying {
             queue: self.clone(),
             handles,
@@ -436,7 +431,7 @@ impl<S: Store + 'static> ReleaseQueue<S> {
             if pending.get(own).is_none_or(|p| p.stage != Stage::Waiting) {
                 return;
             }
-            restage_waiting(&mut pending, Stage::Writing)
+            restage_waiting(&mut pending, Stage::Writing, &[])
         };
         self.spawn_write(batch, Remaining::Everything);
     }
@@ -572,14 +567,15 @@ impl<S: Store + 'static> ReleaseQueue<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tortie_ipam::{
         AutoAssignRequest, Faults, IpPool, IpPoolSpec, IpamBlock, IpamHandle, MemoryStore,
         pod_handle_id,
     };
 
-    fn ipam_with_pool() -> (Arc<MemoryStore>, Arc<Ipam<Arc<MemoryStore>>>) {
+    /// An in-memory store with one IPv4 pool, and the allocator over it.
+    pub(crate) fn ipam_with_pool() -> (Arc<MemoryStore>, Arc<Ipam<Arc<MemoryStore>>>) {
         let store = Arc::new(MemoryStore::new());
         store.put(&IpPool::new(
             "p",
