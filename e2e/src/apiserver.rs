@@ -192,13 +192,7 @@ impl TestApiServer {
         server.wait_etcd_listening(etcd_client_port, options.ready_timeout)?;
         server.start_kube_apiserver(&options, etcd_client_port, port, "kube-apiserver.log")?;
         server.restart_with = Some((options.clone(), etcd_client_port, port));
-        write_cert_kubeconfig(
-            &server.admin_kubeconfig,
-            &server.server_url,
-            &server.ca_cert,
-            &pki.join("admin.crt"),
-            &pki.join("admin.key"),
-        )?;
+        server.write_admin_kubeconfig()?;
         server.wait_ready(options.ready_timeout)?;
         server.time_to_ready = started.elapsed();
         tracing::info!(
@@ -503,6 +497,19 @@ impl TestApiServer {
         Ok(())
     }
 
+    /// The admin kubeconfig, pointing at `server_url` (the API server, or the balancer in
+    /// front of it).
+    fn write_admin_kubeconfig(&self) -> Result<()> {
+        let pki = self.dir.join("pki");
+        write_cert_kubeconfig(
+            &self.admin_kubeconfig,
+            &self.server_url,
+            &self.ca_cert,
+            &pki.join("admin.crt"),
+            &pki.join("admin.key"),
+        )
+    }
+
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut last_answer = String::from("no answer yet");
@@ -682,14 +689,7 @@ impl TestApiServer {
             .arg(&conf_path);
         self.balancer = Some(self.spawn_logged(nginx, "nginx.out")?);
         self.server_url = format!("https://{}", socket_text(address, vip_port));
-        let pki = self.dir.join("pki");
-        write_cert_kubeconfig(
-            &self.admin_kubeconfig,
-            &self.server_url,
-            &self.ca_cert,
-            &pki.join("admin.crt"),
-            &pki.join("admin.key"),
-        )?;
+        self.write_admin_kubeconfig()?;
         // Ready through nginx, and the standby itself ready: a failover must find it serving.
         self.wait_ready(options.ready_timeout)?;
         let standby_url = format!("https://{}", socket_text(address, standby_port));
