@@ -169,8 +169,8 @@ mod tests {
     #[tokio::test]
     async fn pods_arriving_together_share_one_block_write() {
         let (store, ipam) = crate::releases::tests::ipam_with_pool();
-        let dir = std::env::temp_dir().join(format!("tortie-assigner-{}", std::process::id()));
-        let releases = ReleaseQueue::start(ipam.clone(), dir.join("pending-releases.json"));
+        let scratch = crate::releases::tests::Scratch::new("assigner");
+        let releases = ReleaseQueue::start(ipam.clone(), scratch.file());
         let assigner = Assigner::new(ipam, releases);
         // The node's block exists (the first pod claimed it).
         assigner.assign(req("first")).await.unwrap();
@@ -186,6 +186,5 @@ mod tests {
         assert_eq!(after.updates - before.updates, 1, "{before:?} -> {after:?}");
         // And the next one alone still works (the batch task went idle and a new one starts).
         assigner.assign(req("later")).await.unwrap();
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

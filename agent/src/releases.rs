@@ -605,11 +605,26 @@ pub(crate) mod tests {
             .sum()
     }
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("tortie-releases-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir.join("pending-releases.json")
+    /// A test's own directory for the queue's file, removed when the test ends, passed or not.
+    pub(crate) struct Scratch(PathBuf);
+
+    impl Scratch {
+        pub(crate) fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("tortie-releases-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            Self(dir)
+        }
+
+        pub(crate) fn file(&self) -> PathBuf {
+            self.0.join("pending-releases.json")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[tokio::test]
@@ -617,7 +632,8 @@ pub(crate) mod tests {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
         assign(&ipam, "c2").await;
-        let path = scratch("persisted");
+        let scratch = Scratch::new("persisted");
+        let path = scratch.file();
         let queue = ReleaseQueue::start(ipam, path.clone());
         let handle = pod_handle_id("c1");
         queue.enqueue(&handle).unwrap();
@@ -642,14 +658,14 @@ pub(crate) mod tests {
             assert!(Instant::now() < deadline, "file still lists {saved:?}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
     async fn releases_of_an_earlier_run_are_resumed() {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
-        let path = scratch("resumed");
+        let scratch = Scratch::new("resumed");
+        let path = scratch.file();
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(
             &path,
@@ -662,7 +678,6 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(allocated(&store), 0);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
@@ -674,7 +689,8 @@ pub(crate) mod tests {
             conflict_one_in: 1,
             ..Faults::default()
         });
-        let path = scratch("failing");
+        let scratch = Scratch::new("failing");
+        let path = scratch.file();
         let queue = ReleaseQueue::start(ipam, path.clone());
         let handle = pod_handle_id("c1");
         queue.enqueue(&handle).unwrap();
@@ -693,14 +709,14 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(allocated(&store), 0);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
     async fn a_repeated_del_is_one_release() {
         let (_store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
-        let path = scratch("repeated");
+        let scratch = Scratch::new("repeated");
+        let path = scratch.file();
         let queue = ReleaseQueue::start(ipam, path.clone());
         let handle = pod_handle_id("c1");
         queue.enqueue(&handle).unwrap();
@@ -710,7 +726,6 @@ pub(crate) mod tests {
             .wait_released(&handle, Duration::from_secs(5))
             .await
             .unwrap();
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     /// Polls until nothing is pending (bounded).
@@ -732,7 +747,8 @@ pub(crate) mod tests {
         for c in ["c1", "c2", "c3"] {
             assign(&ipam, c).await;
         }
-        let path = scratch("window");
+        let scratch = Scratch::new("window");
+        let path = scratch.file();
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(50));
         let before = store.stats();
         queue.enqueue(&pod_handle_id("c1")).unwrap();
@@ -756,7 +772,6 @@ pub(crate) mod tests {
                 ..ReleaseFigures::default()
             }
         );
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
@@ -764,7 +779,8 @@ pub(crate) mod tests {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
         assign(&ipam, "c2").await;
-        let path = scratch("carried");
+        let scratch = Scratch::new("carried");
+        let path = scratch.file();
         // A window the test never reaches: whatever is written, the carrier wrote.
         let queue = ReleaseQueue::with_window(ipam.clone(), path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
@@ -801,14 +817,14 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(handles, vec![pod_handle_id("c2"), pod_handle_id("c3")]);
         assert_eq!(queue.figures().carried, 1);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
     async fn a_release_its_assignment_did_not_carry_is_written_by_the_queue() {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
-        let path = scratch("not-carried");
+        let scratch = Scratch::new("not-carried");
+        let path = scratch.file();
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
         // The assignment failed before writing: its task ended without a word.
@@ -816,7 +832,6 @@ pub(crate) mod tests {
         drained(&queue).await;
         assert_eq!(allocated(&store), 0);
         assert!(store.snapshot::<IpamHandle>().is_empty());
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
@@ -841,7 +856,8 @@ pub(crate) mod tests {
         let free = corrupt.spec.unallocated[0];
         corrupt.spec.unallocated.push(free);
         store.put(&corrupt);
-        let path = scratch("bad-block");
+        let scratch = Scratch::new("bad-block");
+        let path = scratch.file();
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(10));
         queue.enqueue(&pod_handle_id("good")).unwrap();
         queue.enqueue(&pod_handle_id("bad")).unwrap();
@@ -864,7 +880,6 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(allocated(&store), 0);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test(start_paused = true)]
@@ -872,7 +887,8 @@ pub(crate) mod tests {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
         assign(&ipam, "c2").await;
-        let path = scratch("next-one");
+        let scratch = Scratch::new("next-one");
+        let path = scratch.file();
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_millis(300));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
         let first_carrier = queue.take_for_assignment(&[]);
@@ -892,14 +908,14 @@ pub(crate) mod tests {
                 .unwrap();
         }
         assert_eq!(allocated(&store), 0);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[tokio::test]
     async fn an_add_never_carries_the_release_of_its_own_handle() {
         let (store, ipam) = ipam_with_pool();
         assign(&ipam, "c1").await;
-        let path = scratch("own-handle");
+        let scratch = Scratch::new("own-handle");
+        let path = scratch.file();
         let queue = ReleaseQueue::with_window(ipam, path.clone(), Duration::from_secs(60));
         queue.enqueue(&pod_handle_id("c1")).unwrap();
         let carrying = queue.take_for_assignment(&[pod_handle_id("c1")]);
@@ -912,6 +928,5 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(allocated(&store), 0);
-        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }
