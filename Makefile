@@ -4,7 +4,7 @@ export TORTIE_CACHE ?= $(HOME)/.cache/tortie
 export CARGO_TARGET_DIR ?= $(TORTIE_CACHE)/target
 CARGO ?= cargo
 
-.PHONY: all build demo test e2e bench lint deps clean-netns test-kernel fuzz
+.PHONY: all build demo test e2e e2e-cluster e2e-images image bench lint deps clean-netns test-kernel fuzz
 
 all: build
 
@@ -17,7 +17,7 @@ demo: deps
 
 ## The test command CI runs: lint; every unit, kernel, BGP-interop, apiserver and e2e test;
 ## then the IPIP tests inside a QEMU guest (this host kernel has no ipip module).
-test: lint
+test: lint e2e-images
 	$(CARGO) build -p tortie
 	TORTIE_REQUIRE_KUBE=1 $(CARGO) test --workspace --no-fail-fast; s=$$?; $(MAKE) clean-netns; exit $$s
 	$(MAKE) test-kernel
@@ -32,6 +32,20 @@ fuzz:
 e2e:
 	$(CARGO) build -p tortie
 	TORTIE_REQUIRE_KUBE=1 $(CARGO) test -p tortie-e2e --no-fail-fast; s=$$?; $(MAKE) clean-netns; exit $$s
+
+## tortie installed with `kubectl apply -f manifests/` on a cluster of real kubelets + containerd
+## (e2e/src/kubelet_cluster.rs); part of `make test` too.
+e2e-cluster: e2e-images
+	TORTIE_REQUIRE_KUBE=1 $(CARGO) test -p tortie-e2e --test cluster_install -- --nocapture; s=$$?; $(MAKE) clean-netns; exit $$s
+
+## The DaemonSet image: $(CARGO_TARGET_DIR)/image/tortie-<version>.oci.tar (static musl binary,
+## reproducible; `ctr images import` / `skopeo copy oci-archive:…` take it).
+image:
+	image/build.sh
+
+## The test cluster's images (pause, busybox) and tortie's, as OCI archives.
+e2e-images:
+	e2e/images/build.sh
 
 ## Benchmarks: each prints `BENCH name=… tortie=… ref=…` lines.
 bench:

@@ -1213,7 +1213,7 @@ impl NatOutgoing {
             }
         }
         let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
+            tv_sec: RECV_TIMEOUT.as_secs() as _,
             tv_usec: 0,
         };
         // SAFETY: tv is a live timeval and its size is passed.

@@ -404,7 +404,8 @@ impl BatchSocket {
                     fd,
                     headers.as_mut_ptr(),
                     headers.len() as libc::c_uint,
-                    flags,
+                    // glibc declares the flags c_int, musl c_uint.
+                    flags as _,
                     std::ptr::null_mut(),
                 )
             };
@@ -716,8 +717,9 @@ fn take_socket_error(fd: RawFd) -> io::Result<i32> {
 
 fn set_recv_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        // `as _`: the field types differ between glibc and musl.
+        tv_sec: timeout.as_secs() as _,
+        tv_usec: timeout.subsec_micros() as _,
     };
     // SAFETY: tv is a live timeval and its size is passed.
     let rc = unsafe {

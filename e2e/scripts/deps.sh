@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tortie's tests and demo need, idempotently: Debian packages (BGP daemons,
-# iproute2, CNI plugins, QEMU for the IPIP guest) and the Go-built kube-apiserver/etcd/kubectl.
+# iproute2, CNI plugins, QEMU for the IPIP guest, containerd and runc for the kubelet cluster)
+# and the Go-built Kubernetes binaries.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
@@ -10,6 +11,7 @@ packages=(
   nginx libnginx-mod-stream
   containernetworking-plugins
   qemu-system-x86 busybox-static cpio
+  musl-tools containerd runc skopeo util-linux
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -29,7 +31,13 @@ for svc in bird frr nginx; do
   pkill -x "$svc" 2>/dev/null || true
 done
 
-"$here/build-kube.sh"
+# kube-apiserver, etcd, kubectl, then kubelet, kube-proxy, controller-manager, scheduler.
+"$here/build-node.sh"
+
+# The DaemonSet image's static binary (`make image`).
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl >/dev/null
+fi
 
 # Debian's stock kernel for the IPIP guest (`make test-kernel`), downloaded and unpacked once.
 "$here/../qemu/prepare.sh"

@@ -226,6 +226,34 @@ impl TestApiServer {
         Self::start(options).map(Some)
     }
 
+    /// Issues a client certificate for `subject` (e.g. `/O=system:nodes/CN=system:node:a`) from
+    /// this server's CA and writes a kubeconfig using it, pointing at [`Self::server_url`]: the
+    /// identities of a cluster built by hand (kubelets, kube-proxy, controllers).
+    pub fn issue_client_kubeconfig(&self, name: &str, subject: &str) -> Result<PathBuf> {
+        let pki = self.dir.join("pki");
+        issue_cert(
+            &pki,
+            name,
+            subject,
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth\n",
+        )?;
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        write_cert_kubeconfig(
+            &path,
+            &self.server_url,
+            &self.ca_cert,
+            &pki.join(format!("{name}.crt")),
+            &pki.join(format!("{name}.key")),
+        )?;
+        Ok(path)
+    }
+
+    /// The CA, ServiceAccount signing key and certificates of this server.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
     /// `https://<advertise address>:<port>`.
     pub fn server_url(&self) -> &str {
         &self.server_url
@@ -472,6 +500,12 @@ impl TestApiServer {
             .arg(format!("--tls-cert-file={}", file("apiserver.crt")))
             .arg(format!("--tls-private-key-file={}", file("apiserver.key")))
             .arg(format!("--client-ca-file={}", file("ca.crt")))
+            // How it proves itself to kubelets (exec, logs, port-forward) where there are any.
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                file("admin.crt")
+            ))
+            .arg(format!("--kubelet-client-key={}", file("admin.key")))
             .arg("--authorization-mode=Node,RBAC")
             .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
             .arg(format!(

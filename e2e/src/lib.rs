@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod daemons;
+pub mod kubelet_cluster;
 pub mod netns;
 pub mod topology;
 pub mod wait;
