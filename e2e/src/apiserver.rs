@@ -63,6 +63,10 @@ pub struct ApiServerOptions {
     pub ready_timeout: Duration,
     /// Extra `kube-apiserver` flags, appended last so they override the defaults.
     pub extra_apiserver_args: Vec<String>,
+    /// Where the second apiserver of [`TestApiServer::serve_behind_balancer`] listens, on the
+    /// first one's port, as master02 beside master01 (both then publish their own address in
+    /// the `kubernetes` Service). `None`: the first one's address on another port.
+    pub standby_address: Option<IpAddr>,
 }
 
 impl Default for ApiServerOptions {
@@ -74,6 +78,7 @@ impl Default for ApiServerOptions {
             netns: None,
             ready_timeout: Duration::from_secs(90),
             extra_apiserver_args: Vec::new(),
+            standby_address: None,
         }
     }
 }
@@ -177,7 +182,9 @@ impl TestApiServer {
         // From here on, Drop cleans up whatever was started if a step fails.
         let started = Instant::now();
         let pki = server.dir.join("pki");
-        generate_pki(&pki, &[options.bind_address, advertise])?;
+        let mut addresses = vec![options.bind_address, advertise];
+        addresses.extend(options.standby_address);
+        generate_pki(&pki, &addresses)?;
 
         let etcd_client_port = free_port()?;
         let etcd_peer_port = free_port()?;
@@ -669,11 +676,21 @@ impl TestApiServer {
             .restart_with
             .clone()
             .context("apiserver was never started")?;
-        let standby_port = free_port()?;
-        // The same flags as the first, on another port, with its own log.
+        // The same flags as the first, on its own address and the same port (master02), or on
+        // another port; its own log either way.
+        let mut standby_options = options.clone();
+        let standby_port = match options.standby_address {
+            Some(address) => {
+                standby_options.bind_address = address;
+                standby_options.advertise_address = Some(address);
+                primary_port
+            }
+            None => free_port()?,
+        };
+        let standby_address = standby_options.effective_advertise_address();
         let first = self.apiserver.take();
         let started = self.start_kube_apiserver(
-            &options,
+            &standby_options,
             etcd_port,
             standby_port,
             "kube-apiserver-standby.log",
@@ -708,7 +725,7 @@ impl TestApiServer {
              }}\n",
             dir = self.dir.display(),
             primary = socket_text(address, primary_port),
-            standby = socket_text(address, standby_port),
+            standby = socket_text(standby_address, standby_port),
             vip = socket_text(address, vip_port),
         );
         let conf_path = self.dir.join("nginx.conf");
@@ -726,7 +743,7 @@ impl TestApiServer {
         self.write_admin_kubeconfig()?;
         // Ready through nginx, and the standby itself ready: a failover must find it serving.
         self.wait_ready(options.ready_timeout)?;
-        let standby_url = format!("https://{}", socket_text(address, standby_port));
+        let standby_url = format!("https://{}", socket_text(standby_address, standby_port));
         let deadline = Instant::now() + options.ready_timeout;
         loop {
             let mut probe = self.kubectl_command(["get", "--raw", "/readyz"]);

@@ -64,6 +64,8 @@ const HOST_SYSCTLS: [&str; 6] = [
     "kernel.keys.root_maxbytes",
 ];
 
+static INSTANCES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// Where `make image` / `e2e/images/build.sh` put the OCI archives.
 pub fn image_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -75,6 +77,32 @@ pub fn image_dir() -> PathBuf {
 /// The tortie image's tag: the workspace version (`tortie:<version>`).
 pub fn tortie_image() -> String {
     format!("tortie:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Brings the image archives up to date once per test process (`e2e/images/build.sh`: tortie's
+/// image from the current sources, pause and busybox only when their inputs changed), so a
+/// cluster never runs a stale agent image.
+pub fn build_images() -> Result<()> {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = crate::cluster::workspace_root();
+            let out = Command::new(root.join("e2e/images/build.sh"))
+                .current_dir(&root)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("running e2e/images/build.sh: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "e2e/images/build.sh failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Binaries or image archives this cluster needs that are missing.
@@ -165,7 +193,8 @@ impl KubeletNode {
         self.dir.join("mnt")
     }
 
-    /// The node's own files as the host sees them (`fs/run` is the node's `/run`, …).
+    /// The node's own files as the host sees them (`fs/run` is the node's `/run`, …), for
+    /// `/run`, `/var/…` and `/opt`. Not `/etc`: it is an overlay, written through [`Self::sh`].
     pub fn host_path(&self, node_path: &str) -> PathBuf {
         let trimmed = node_path.trim_start_matches('/');
         let (top, rest) = trimmed.split_once('/').unwrap_or((trimmed, ""));
@@ -179,8 +208,6 @@ impl KubeletNode {
                     .join(format!("var-{second}"))
                     .join(rest2);
             }
-            "opt" => "opt",
-            "etc" => "etc-up",
             other => other,
         };
         self.dir.join("fs").join(base).join(rest)
@@ -268,6 +295,8 @@ pub struct KubeletCluster {
     pub topo: Topology,
     pub dir: WorkDir,
     saved_sysctls: BTreeMap<String, String>,
+    /// Tells this process's clusters apart (cgroup roots).
+    instance: u32,
     /// Start of [`KubeletCluster::start`] to every Node registered.
     pub time_to_nodes_registered: Duration,
 }
@@ -281,7 +310,6 @@ impl Drop for KubeletCluster {
         for (key, value) in &self.saved_sysctls {
             let _ = run_host(&["sysctl", "-qw", &format!("{key}={value}")]);
         }
-        let _ = fs::remove_dir(Path::new("/sys/fs/cgroup/pids/tortie-e2e"));
         for hierarchy in cgroup_hierarchies() {
             let _ = fs::remove_dir(hierarchy.join("tortie-e2e"));
         }
@@ -293,9 +321,16 @@ impl KubeletCluster {
     /// registered its Node (NotReady: no CNI config yet). `None` (after a loud SKIP) when parts
     /// are missing and `TORTIE_REQUIRE_KUBE` is unset.
     pub fn start(test: &str, spec: KubeletClusterSpec) -> Result<Option<KubeletCluster>> {
+        let required = std::env::var_os(crate::apiserver::REQUIRE_KUBE_ENV).is_some();
+        if let Err(e) = build_images() {
+            if required {
+                return Err(e);
+            }
+            eprintln!("kubelet cluster: {e:#}");
+        }
         let missing = missing_parts();
         if !missing.is_empty() {
-            if std::env::var_os(crate::apiserver::REQUIRE_KUBE_ENV).is_some() {
+            if required {
                 bail!("kubelet cluster parts missing: {missing:?} (run `make deps e2e-images`)");
             }
             let _ = std::io::Write::write_all(
@@ -313,7 +348,17 @@ impl KubeletCluster {
         let topo = spec.topology.clone().router().build()?;
         let router = topo.router.as_ref().context("cluster needs a router")?;
         let api_addr = std::net::IpAddr::V4(router.addrs[0]);
+        // master02 on its own address of the first segment (nodes count up from .10).
+        let standby = std::net::Ipv4Addr::new(10, 77, 0, 2);
+        if spec.api_behind_balancer {
+            router
+                .ns
+                .run(&["ip", "addr", "add", &format!("{standby}/24"), "dev", "seg0"])?;
+        }
         let options = ApiServerOptions {
+            standby_address: spec
+                .api_behind_balancer
+                .then_some(std::net::IpAddr::V4(standby)),
             bind_address: api_addr,
             netns: Some(router.ns.name().to_owned()),
             extra_apiserver_args: vec![
@@ -339,6 +384,7 @@ impl KubeletCluster {
             topo,
             dir,
             saved_sysctls,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
             time_to_nodes_registered: Duration::ZERO,
         };
         cluster.start_controllers()?;
@@ -415,7 +461,11 @@ impl KubeletCluster {
             addr: topo_node.addr,
             netns: topo_node.ns.name().to_owned(),
             dir: dir.clone(),
-            cgroup_root: format!("/tortie-e2e/{}-{name}", std::process::id()),
+            cgroup_root: format!(
+                "/tortie-e2e/{}-{}-{name}",
+                std::process::id(),
+                self.instance
+            ),
             containerd: None,
             kubelet: None,
             kube_proxy: None,
@@ -529,6 +579,21 @@ impl KubeletCluster {
             .iter()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Installs the kubelet's own reference CNI instead of tortie: containernetworking's
+    /// `bridge` + `host-local`, a /24 of 10.245.0.0/16 per node (no routes between nodes: the
+    /// reference for how fast pods get addresses, not for reachability).
+    pub fn install_bridge_cni(&self) -> Result<()> {
+        for (i, node) in self.nodes.iter().enumerate() {
+            let conflist = format!(
+                r#"{{"cniVersion":"1.0.0","name":"reference","plugins":[{{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.245.{i}.0/24"}}]],"routes":[{{"dst":"0.0.0.0/0"}}]}}}},{{"type":"portmap","capabilities":{{"portMappings":true}}}}]}}"#
+            );
+            let staged = node.dir.join("10-reference.conflist");
+            fs::write(&staged, conflist)?;
+            node.sh(&format!("cp {} /etc/cni/net.d/", staged.display()))?;
+        }
+        Ok(())
     }
 
     /// `kubectl` as the cluster admin; a non-zero exit is an error with its output.
