@@ -337,22 +337,80 @@ enum Approach {
     SessionReset,
 }
 
-/// Expected (optional, transitive) flags and the RFC 7606 approach for each known attribute.
-fn known(type_code: u8) -> Option<(u8, Approach)> {
+impl Approach {
+    /// Record `error` in `outcome` as this approach says; only a session reset stops the decode.
+    fn handle(self, error: DecodeError, outcome: &mut UpdateOutcome) -> Result<(), DecodeError> {
+        match self {
+            Approach::SessionReset => Err(error),
+            Approach::TreatAsWithdraw => {
+                // The first error is the one a NOTIFICATION or log would be about.
+                if outcome.treat_as_withdraw.is_none() {
+                    outcome.treat_as_withdraw = Some(error);
+                }
+                Ok(())
+            }
+            Approach::AttributeDiscard => {
+                outcome.discarded.push(error);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Expected Optional/Transitive flags of the attribute kinds (RFC 4271 §5).
+const WELL_KNOWN: u8 = flag::TRANSITIVE;
+const OPT_TRANS: u8 = flag::OPTIONAL | flag::TRANSITIVE;
+const OPT_NON_TRANS: u8 = flag::OPTIONAL;
+
+/// Decodes one attribute's value into `Collected`; an `Err` is handled by the type's approach.
+type DecodeFn = fn(&mut Collected, &Tlv, &DecodeContext) -> Result<(), DecodeError>;
+
+/// How one known attribute type is checked and decoded.
+struct AttrSpec {
+    type_code: u8,
+    /// The Optional and Transitive bits this type must carry.
+    flags: u8,
+    /// What RFC 7606 says to do when the attribute is malformed.
+    approach: Approach,
+    decode: DecodeFn,
+}
+
+const fn spec(type_code: u8, flags: u8, approach: Approach, decode: DecodeFn) -> AttrSpec {
+    AttrSpec {
+        type_code,
+        flags,
+        approach,
+        decode,
+    }
+}
+
+/// Every attribute type tortie understands; a type not here is "unrecognised" (RFC 4271 §5).
+/// The approaches are RFC 7606 §7's, per attribute.
+#[rustfmt::skip]
+const KNOWN: &[AttrSpec] = {
     use Approach::*;
     use attr_type::*;
-    const WELL_KNOWN: u8 = flag::TRANSITIVE;
-    const OPT_TRANS: u8 = flag::OPTIONAL | flag::TRANSITIVE;
-    const OPT_NON_TRANS: u8 = flag::OPTIONAL;
-    Some(match type_code {
-        ORIGIN | AS_PATH | NEXT_HOP | LOCAL_PREF => (WELL_KNOWN, TreatAsWithdraw),
-        ATOMIC_AGGREGATE => (WELL_KNOWN, AttributeDiscard),
-        MED | ORIGINATOR_ID | CLUSTER_LIST => (OPT_NON_TRANS, TreatAsWithdraw),
-        MP_REACH_NLRI | MP_UNREACH_NLRI => (OPT_NON_TRANS, SessionReset),
-        COMMUNITIES | LARGE_COMMUNITY => (OPT_TRANS, TreatAsWithdraw),
-        AGGREGATOR | AS4_PATH | AS4_AGGREGATOR => (OPT_TRANS, AttributeDiscard),
-        _ => return None,
-    })
+    &[
+        spec(ORIGIN,           WELL_KNOWN,    TreatAsWithdraw,  decode_origin),
+        spec(AS_PATH,          WELL_KNOWN,    TreatAsWithdraw,  decode_as_path),
+        spec(NEXT_HOP,         WELL_KNOWN,    TreatAsWithdraw,  decode_next_hop),
+        spec(MED,              OPT_NON_TRANS, TreatAsWithdraw,  decode_med),
+        spec(LOCAL_PREF,       WELL_KNOWN,    TreatAsWithdraw,  decode_local_pref),
+        spec(ATOMIC_AGGREGATE, WELL_KNOWN,    AttributeDiscard, decode_atomic_aggregate),
+        spec(AGGREGATOR,       OPT_TRANS,     AttributeDiscard, decode_aggregator),
+        spec(COMMUNITIES,      OPT_TRANS,     TreatAsWithdraw,  decode_communities),
+        spec(ORIGINATOR_ID,    OPT_NON_TRANS, TreatAsWithdraw,  decode_originator_id),
+        spec(CLUSTER_LIST,     OPT_NON_TRANS, TreatAsWithdraw,  decode_cluster_list),
+        spec(MP_REACH_NLRI,    OPT_NON_TRANS, SessionReset,     decode_mp_reach_attr),
+        spec(MP_UNREACH_NLRI,  OPT_NON_TRANS, SessionReset,     decode_mp_unreach_attr),
+        spec(AS4_PATH,         OPT_TRANS,     AttributeDiscard, decode_as4_path),
+        spec(AS4_AGGREGATOR,   OPT_TRANS,     AttributeDiscard, decode_as4_aggregator),
+        spec(LARGE_COMMUNITY,  OPT_TRANS,     TreatAsWithdraw,  decode_large_communities),
+    ]
+};
+
+fn known(type_code: u8) -> Option<&'static AttrSpec> {
+    KNOWN.iter().find(|spec| spec.type_code == type_code)
 }
 
 /// Everything decoded from the path attributes field.
@@ -364,8 +422,128 @@ pub(crate) struct DecodedAttributes {
     pub seen: u64,
 }
 
-fn get_ipv4(value: &mut Bytes) -> Ipv4Addr {
-    Ipv4Addr::from(value.get_u32())
+/// What the per-attribute decoders fill in; the AS4 attributes wait here for the RFC 6793 merge.
+#[derive(Default)]
+struct Collected {
+    attrs: PathAttributes,
+    mp_reach: Option<MpReach>,
+    mp_unreach: Option<MpUnreach>,
+    as4_path: Option<AsPath>,
+    as4_aggregator: Option<Aggregator>,
+}
+
+/// One attribute located in the field.
+struct Tlv {
+    flags: u8,
+    type_code: u8,
+    /// Flags, type, length and value: the data of the NOTIFICATION about it.
+    whole: Bytes,
+    value: Bytes,
+}
+
+impl Tlv {
+    fn length_error(&self) -> DecodeError {
+        DecodeError::AttributeLengthError {
+            type_code: self.type_code,
+            attribute: self.whole.clone(),
+        }
+    }
+
+    /// The value, if it is exactly `len` octets; the decoders read it without further checks.
+    fn value_of_len(&self, len: usize) -> Result<Bytes, DecodeError> {
+        if self.value.len() == len {
+            Ok(self.value.clone())
+        } else {
+            Err(self.length_error())
+        }
+    }
+
+    /// The value as `unit`-octet items, if it is a whole number of them.
+    fn items_of(&self, unit: usize) -> Result<(Bytes, usize), DecodeError> {
+        if self.value.len().is_multiple_of(unit) {
+            Ok((self.value.clone(), self.value.len() / unit))
+        } else {
+            Err(self.length_error())
+        }
+    }
+
+    fn malformed_as_path(&self) -> DecodeError {
+        DecodeError::MalformedAsPath {
+            attribute: self.whole.clone(),
+        }
+    }
+
+    fn optional_attribute_error(&self) -> DecodeError {
+        DecodeError::OptionalAttributeError {
+            type_code: self.type_code,
+            attribute: self.whole.clone(),
+        }
+    }
+}
+
+/// Split the next attribute off `data`. An `Err` means the field cannot be walked further:
+/// RFC 7606 §4 makes that treat-as-withdraw, as the NLRI are still located from Total Path
+/// Attribute Length.
+fn split_attribute(data: &mut Bytes) -> Result<Tlv, DecodeError> {
+    const SHORT: DecodeError =
+        DecodeError::MalformedAttributeList("trailing octets too short for an attribute header");
+    if data.remaining() < 3 {
+        return Err(SHORT);
+    }
+    let flags = data[0];
+    let type_code = data[1];
+    let header_len = if flags & flag::EXTENDED_LENGTH != 0 {
+        4
+    } else {
+        3
+    };
+    if data.remaining() < header_len {
+        return Err(SHORT);
+    }
+    let len = if header_len == 4 {
+        u16::from_be_bytes([data[2], data[3]]) as usize
+    } else {
+        data[2] as usize
+    };
+    if data.remaining() < header_len + len {
+        return Err(DecodeError::AttributeLengthError {
+            type_code,
+            attribute: data.clone(),
+        });
+    }
+    let whole = data.split_to(header_len + len);
+    let value = whole.slice(header_len..);
+    Ok(Tlv {
+        flags,
+        type_code,
+        whole,
+        value,
+    })
+}
+
+/// The attribute types met so far, for RFC 7606 §3 (g) duplicate handling.
+#[derive(Default)]
+struct SeenTypes {
+    /// Bit per type code < 64: the mandatory ones are all there, and the UPDATE checks them.
+    low: u64,
+    high: Vec<u8>,
+}
+
+impl SeenTypes {
+    /// Note `type_code`; false if it had been seen already.
+    fn insert(&mut self, type_code: u8) -> bool {
+        if type_code < 64 {
+            let bit = 1u64 << type_code;
+            let first = self.low & bit == 0;
+            self.low |= bit;
+            first
+        } else if self.high.contains(&type_code) {
+            false
+        } else {
+            self.high.push(type_code);
+            true
+        }
+    }
 }
 
 /// Decode the path attributes field (already sliced to Total Path Attribute Length).
@@ -374,66 +552,23 @@ pub(crate) fn decode_attributes(
     ctx: &DecodeContext,
     outcome: &mut UpdateOutcome,
 ) -> Result<DecodedAttributes, DecodeError> {
-    let mut attrs = PathAttributes::default();
-    let mut mp_reach = None;
-    let mut mp_unreach = None;
-    let mut seen: u64 = 0;
-    let mut seen_high: Vec<u8> = Vec::new();
-    let mut as4_path: Option<AsPath> = None;
-    let mut as4_aggregator: Option<Aggregator> = None;
+    let mut collected = Collected::default();
+    let mut seen = SeenTypes::default();
 
     while data.has_remaining() {
-        // RFC 7606 §4: too few octets for a header, or a value overrunning the field, is
-        // treat-as-withdraw; the NLRI are still located from Total Path Attribute Length.
-        if data.remaining() < 3 {
-            outcome.treat_as_withdraw = Some(DecodeError::MalformedAttributeList(
-                "trailing octets too short for an attribute header",
-            ));
-            break;
-        }
-        let flags = data[0];
-        let type_code = data[1];
-        let header_len = if flags & flag::EXTENDED_LENGTH != 0 {
-            4
-        } else {
-            3
+        let tlv = match split_attribute(&mut data) {
+            Ok(tlv) => tlv,
+            Err(error) => {
+                outcome.treat_as_withdraw = Some(error);
+                break;
+            }
         };
-        if data.remaining() < header_len {
-            outcome.treat_as_withdraw = Some(DecodeError::MalformedAttributeList(
-                "trailing octets too short for an attribute header",
-            ));
-            break;
-        }
-        let len = if header_len == 4 {
-            u16::from_be_bytes([data[2], data[3]]) as usize
-        } else {
-            data[2] as usize
-        };
-        if data.remaining() < header_len + len {
-            outcome.treat_as_withdraw = Some(DecodeError::AttributeLengthError {
-                type_code,
-                attribute: data.clone(),
-            });
-            break;
-        }
-        let whole = data.split_to(header_len + len);
-        let mut value = whole.slice(header_len..);
 
         // Duplicates: MP attributes reset the session, others keep the first (RFC 7606 §3 g).
-        let duplicate = if type_code < 64 {
-            let bit = 1u64 << type_code;
-            let dup = seen & bit != 0;
-            seen |= bit;
-            dup
-        } else {
-            let dup = seen_high.contains(&type_code);
-            if !dup {
-                seen_high.push(type_code);
-            }
-            dup
-        };
-        if duplicate {
-            if type_code == attr_type::MP_REACH_NLRI || type_code == attr_type::MP_UNREACH_NLRI {
+        if !seen.insert(tlv.type_code) {
+            if tlv.type_code == attr_type::MP_REACH_NLRI
+                || tlv.type_code == attr_type::MP_UNREACH_NLRI
+            {
                 return Err(DecodeError::MalformedAttributeList(
                     "MP_REACH_NLRI or MP_UNREACH_NLRI appears twice",
                 ));
@@ -444,240 +579,252 @@ pub(crate) fn decode_attributes(
             continue;
         }
 
-        let Some((expected_flags, approach)) = known(type_code) else {
-            if flags & flag::OPTIONAL == 0 {
-                outcome.treat_as_withdraw = Some(DecodeError::UnrecognizedWellKnownAttribute {
-                    type_code,
-                    attribute: whole,
-                });
-            } else if flags & flag::TRANSITIVE != 0 {
-                attrs.unknown.push(RawAttribute {
-                    flags: (flags | flag::PARTIAL) & !flag::EXTENDED_LENGTH,
-                    type_code,
-                    value,
-                });
-            }
-            // Unrecognised optional non-transitive attributes are quietly ignored (RFC 4271 §5).
+        let Some(spec) = known(tlv.type_code) else {
+            keep_unrecognised(tlv, &mut collected.attrs, outcome);
             continue;
         };
-
-        let fail = |error: DecodeError, outcome: &mut UpdateOutcome| -> Result<(), DecodeError> {
-            match approach {
-                Approach::SessionReset => Err(error),
-                Approach::TreatAsWithdraw => {
-                    if outcome.treat_as_withdraw.is_none() {
-                        outcome.treat_as_withdraw = Some(error);
-                    }
-                    Ok(())
-                }
-                Approach::AttributeDiscard => {
-                    outcome.discarded.push(error);
-                    Ok(())
-                }
-            }
+        let decoded = if tlv.flags & (flag::OPTIONAL | flag::TRANSITIVE) != spec.flags {
+            Err(DecodeError::AttributeFlagsError {
+                type_code: tlv.type_code,
+                attribute: tlv.whole,
+            })
+        } else {
+            (spec.decode)(&mut collected, &tlv, ctx)
         };
-
-        if flags & (flag::OPTIONAL | flag::TRANSITIVE) != expected_flags {
-            fail(
-                DecodeError::AttributeFlagsError {
-                    type_code,
-                    attribute: whole,
-                },
-                outcome,
-            )?;
-            continue;
-        }
-        let length_error = || DecodeError::AttributeLengthError {
-            type_code,
-            attribute: whole.clone(),
-        };
-
-        match type_code {
-            attr_type::ORIGIN => {
-                if len != 1 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.origin = match value.get_u8() {
-                    0 => Some(Origin::Igp),
-                    1 => Some(Origin::Egp),
-                    2 => Some(Origin::Incomplete),
-                    _ => {
-                        fail(
-                            DecodeError::InvalidOriginAttribute {
-                                attribute: whole.clone(),
-                            },
-                            outcome,
-                        )?;
-                        continue;
-                    }
-                };
-            }
-            attr_type::AS_PATH => match AsPath::decode(value, ctx.four_octet_as) {
-                Some(path) => attrs.as_path = path,
-                None => fail(
-                    DecodeError::MalformedAsPath {
-                        attribute: whole.clone(),
-                    },
-                    outcome,
-                )?,
-            },
-            attr_type::NEXT_HOP => {
-                if len != 4 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                let next_hop = get_ipv4(&mut value);
-                if next_hop.is_unspecified() || next_hop.is_multicast() || next_hop.is_broadcast() {
-                    fail(
-                        DecodeError::InvalidNextHopAttribute {
-                            attribute: whole.clone(),
-                        },
-                        outcome,
-                    )?;
-                    continue;
-                }
-                attrs.next_hop = Some(next_hop);
-            }
-            attr_type::MED | attr_type::LOCAL_PREF => {
-                if len != 4 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                let v = value.get_u32();
-                if type_code == attr_type::MED {
-                    attrs.med = Some(v);
-                } else {
-                    attrs.local_pref = Some(v);
-                }
-            }
-            attr_type::ATOMIC_AGGREGATE => {
-                if len != 0 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.atomic_aggregate = true;
-            }
-            attr_type::AGGREGATOR => {
-                let expected = if ctx.four_octet_as { 8 } else { 6 };
-                if len != expected {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                let asn = if ctx.four_octet_as {
-                    value.get_u32()
-                } else {
-                    u32::from(value.get_u16())
-                };
-                attrs.aggregator = Some(Aggregator {
-                    asn,
-                    address: get_ipv4(&mut value),
-                });
-            }
-            attr_type::COMMUNITIES => {
-                if !len.is_multiple_of(4) {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.communities = (0..len / 4).map(|_| value.get_u32()).collect();
-            }
-            attr_type::LARGE_COMMUNITY => {
-                if !len.is_multiple_of(12) {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.large_communities = (0..len / 12)
-                    .map(|_| LargeCommunity {
-                        global: value.get_u32(),
-                        local1: value.get_u32(),
-                        local2: value.get_u32(),
-                    })
-                    .collect();
-            }
-            attr_type::ORIGINATOR_ID => {
-                if len != 4 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.originator_id = Some(get_ipv4(&mut value));
-            }
-            attr_type::CLUSTER_LIST => {
-                if !len.is_multiple_of(4) {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                attrs.cluster_list = (0..len / 4).map(|_| get_ipv4(&mut value)).collect();
-            }
-            attr_type::MP_REACH_NLRI => {
-                mp_reach = decode_mp_reach(value, ctx).map_err(|_| {
-                    DecodeError::OptionalAttributeError {
-                        type_code,
-                        attribute: whole.clone(),
-                    }
-                })?;
-            }
-            attr_type::MP_UNREACH_NLRI => {
-                mp_unreach = decode_mp_unreach(value, ctx).map_err(|_| {
-                    DecodeError::OptionalAttributeError {
-                        type_code,
-                        attribute: whole.clone(),
-                    }
-                })?;
-            }
-            attr_type::AS4_PATH => {
-                // RFC 6793 §6: between two 4-octet speakers AS4_PATH is ignored.
-                if ctx.four_octet_as {
-                    continue;
-                }
-                match AsPath::decode(value, true) {
-                    Some(path) if !path.segments.iter().any(|s| s.kind.is_confed()) => {
-                        as4_path = Some(path)
-                    }
-                    _ => fail(
-                        DecodeError::MalformedAsPath {
-                            attribute: whole.clone(),
-                        },
-                        outcome,
-                    )?,
-                }
-            }
-            attr_type::AS4_AGGREGATOR => {
-                if ctx.four_octet_as {
-                    continue;
-                }
-                if len != 8 {
-                    fail(length_error(), outcome)?;
-                    continue;
-                }
-                as4_aggregator = Some(Aggregator {
-                    asn: value.get_u32(),
-                    address: get_ipv4(&mut value),
-                });
-            }
-            // `known()` returned Some, so the type is one of the arms above.
-            _ => {}
+        if let Err(error) = decoded {
+            spec.approach.handle(error, outcome)?;
         }
     }
 
-    // RFC 6793 §4.2.3: an AGGREGATOR that is not AS_TRANS means the AS4 attributes are stale.
-    let aggregator_is_trans = attrs
-        .aggregator
-        .is_none_or(|a| a.asn == u32::from(AS_TRANS));
-    if aggregator_is_trans {
-        if let (Some(real), Some(_)) = (as4_aggregator, attrs.aggregator) {
-            attrs.aggregator = Some(real);
+    Ok(collected.finish(seen.low))
+}
+
+/// RFC 4271 §5: an unrecognised well-known attribute is an error, an optional transitive one is
+/// passed on with Partial set, an optional non-transitive one is quietly ignored.
+fn keep_unrecognised(tlv: Tlv, attrs: &mut PathAttributes, outcome: &mut UpdateOutcome) {
+    if tlv.flags & flag::OPTIONAL == 0 {
+        outcome.treat_as_withdraw = Some(DecodeError::UnrecognizedWellKnownAttribute {
+            type_code: tlv.type_code,
+            attribute: tlv.whole,
+        });
+    } else if tlv.flags & flag::TRANSITIVE != 0 {
+        attrs.unknown.push(RawAttribute {
+            flags: (tlv.flags | flag::PARTIAL) & !flag::EXTENDED_LENGTH,
+            type_code: tlv.type_code,
+            value: tlv.value,
+        });
+    }
+}
+
+impl Collected {
+    fn finish(mut self, seen: u64) -> DecodedAttributes {
+        // RFC 6793 §4.2.3: an AGGREGATOR that is not AS_TRANS means the AS4 attributes are stale.
+        let attrs = &mut self.attrs;
+        let aggregator_is_trans = attrs
+            .aggregator
+            .is_none_or(|a| a.asn == u32::from(AS_TRANS));
+        if aggregator_is_trans {
+            if let (Some(real), Some(_)) = (self.as4_aggregator, attrs.aggregator) {
+                attrs.aggregator = Some(real);
+            }
+            if let Some(as4) = self.as4_path {
+                attrs.as_path = std::mem::take(&mut attrs.as_path).merge_as4(as4);
+            }
         }
-        if let Some(as4) = as4_path {
-            attrs.as_path = std::mem::take(&mut attrs.as_path).merge_as4(as4);
+        DecodedAttributes {
+            attrs: self.attrs,
+            mp_reach: self.mp_reach,
+            mp_unreach: self.mp_unreach,
+            seen,
         }
     }
+}
 
-    Ok(DecodedAttributes {
-        attrs,
-        mp_reach,
-        mp_unreach,
-        seen,
-    })
+fn get_ipv4(value: &mut Bytes) -> Ipv4Addr {
+    Ipv4Addr::from(value.get_u32())
+}
+
+/// ORIGIN: one octet, 0 IGP, 1 EGP, 2 INCOMPLETE.
+fn decode_origin(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    let origin = match tlv.value_of_len(1)?.get_u8() {
+        0 => Origin::Igp,
+        1 => Origin::Egp,
+        2 => Origin::Incomplete,
+        _ => {
+            return Err(DecodeError::InvalidOriginAttribute {
+                attribute: tlv.whole.clone(),
+            });
+        }
+    };
+    c.attrs.origin = Some(origin);
+    Ok(())
+}
+
+/// AS_PATH: segments of 2- or 4-octet ASNs, as the session negotiated (RFC 6793).
+fn decode_as_path(c: &mut Collected, tlv: &Tlv, ctx: &DecodeContext) -> Result<(), DecodeError> {
+    let path = AsPath::decode(tlv.value.clone(), ctx.four_octet_as)
+        .ok_or_else(|| tlv.malformed_as_path())?;
+    c.attrs.as_path = path;
+    Ok(())
+}
+
+/// NEXT_HOP: a 4-octet IPv4 address that could be a unicast next hop.
+fn decode_next_hop(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    let next_hop = get_ipv4(&mut tlv.value_of_len(4)?);
+    if next_hop.is_unspecified() || next_hop.is_multicast() || next_hop.is_broadcast() {
+        return Err(DecodeError::InvalidNextHopAttribute {
+            attribute: tlv.whole.clone(),
+        });
+    }
+    c.attrs.next_hop = Some(next_hop);
+    Ok(())
+}
+
+/// MULTI_EXIT_DISC: a 4-octet metric.
+fn decode_med(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    c.attrs.med = Some(tlv.value_of_len(4)?.get_u32());
+    Ok(())
+}
+
+/// LOCAL_PREF: a 4-octet preference.
+fn decode_local_pref(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    c.attrs.local_pref = Some(tlv.value_of_len(4)?.get_u32());
+    Ok(())
+}
+
+/// ATOMIC_AGGREGATE: present or not, no value.
+fn decode_atomic_aggregate(
+    c: &mut Collected,
+    tlv: &Tlv,
+    _: &DecodeContext,
+) -> Result<(), DecodeError> {
+    tlv.value_of_len(0)?;
+    c.attrs.atomic_aggregate = true;
+    Ok(())
+}
+
+/// AGGREGATOR:
+///
+/// ```text
+/// +-------------------------------+------------------------+
+/// | AS (2 octets, 4 if RFC 6793)  | BGP identifier (4)     |
+/// +-------------------------------+------------------------+
+/// ```
+fn decode_aggregator(c: &mut Collected, tlv: &Tlv, ctx: &DecodeContext) -> Result<(), DecodeError> {
+    let mut value = tlv.value_of_len(if ctx.four_octet_as { 8 } else { 6 })?;
+    let asn = if ctx.four_octet_as {
+        value.get_u32()
+    } else {
+        u32::from(value.get_u16())
+    };
+    c.attrs.aggregator = Some(Aggregator {
+        asn,
+        address: get_ipv4(&mut value),
+    });
+    Ok(())
+}
+
+/// COMMUNITIES (RFC 1997): 4-octet values.
+fn decode_communities(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    let (mut value, count) = tlv.items_of(4)?;
+    c.attrs.communities = (0..count).map(|_| value.get_u32()).collect();
+    Ok(())
+}
+
+/// LARGE_COMMUNITY (RFC 8092):
+///
+/// ```text
+/// +------------------------+------------------+------------------+
+/// | Global Administrator 4 | Local Data 1 (4) | Local Data 2 (4) |  ... repeated
+/// +------------------------+------------------+------------------+
+/// ```
+fn decode_large_communities(
+    c: &mut Collected,
+    tlv: &Tlv,
+    _: &DecodeContext,
+) -> Result<(), DecodeError> {
+    let (mut value, count) = tlv.items_of(12)?;
+    c.attrs.large_communities = (0..count)
+        .map(|_| LargeCommunity {
+            global: value.get_u32(),
+            local1: value.get_u32(),
+            local2: value.get_u32(),
+        })
+        .collect();
+    Ok(())
+}
+
+/// ORIGINATOR_ID (RFC 4456): the originating router's 4-octet BGP identifier.
+fn decode_originator_id(
+    c: &mut Collected,
+    tlv: &Tlv,
+    _: &DecodeContext,
+) -> Result<(), DecodeError> {
+    c.attrs.originator_id = Some(get_ipv4(&mut tlv.value_of_len(4)?));
+    Ok(())
+}
+
+/// CLUSTER_LIST (RFC 4456): 4-octet cluster IDs.
+fn decode_cluster_list(c: &mut Collected, tlv: &Tlv, _: &DecodeContext) -> Result<(), DecodeError> {
+    let (mut value, count) = tlv.items_of(4)?;
+    c.attrs.cluster_list = (0..count).map(|_| get_ipv4(&mut value)).collect();
+    Ok(())
+}
+
+/// MP_REACH_NLRI (RFC 4760); its layout is in `update.rs`, next to the NLRI it carries.
+fn decode_mp_reach_attr(
+    c: &mut Collected,
+    tlv: &Tlv,
+    ctx: &DecodeContext,
+) -> Result<(), DecodeError> {
+    c.mp_reach =
+        decode_mp_reach(tlv.value.clone(), ctx).map_err(|_| tlv.optional_attribute_error())?;
+    Ok(())
+}
+
+/// MP_UNREACH_NLRI (RFC 4760); its layout is in `update.rs`.
+fn decode_mp_unreach_attr(
+    c: &mut Collected,
+    tlv: &Tlv,
+    ctx: &DecodeContext,
+) -> Result<(), DecodeError> {
+    c.mp_unreach =
+        decode_mp_unreach(tlv.value.clone(), ctx).map_err(|_| tlv.optional_attribute_error())?;
+    Ok(())
+}
+
+/// AS4_PATH (RFC 6793): the 4-octet path behind a 2-octet speaker's AS_TRANS entries.
+fn decode_as4_path(c: &mut Collected, tlv: &Tlv, ctx: &DecodeContext) -> Result<(), DecodeError> {
+    // RFC 6793 §6: between two 4-octet speakers AS4_PATH is ignored.
+    if ctx.four_octet_as {
+        return Ok(());
+    }
+    match AsPath::decode(tlv.value.clone(), true) {
+        // RFC 6793 forbids confederation segments in AS4_PATH, so one carrying them is malformed.
+        Some(path) if !path.has_confed_segment() => {
+            c.as4_path = Some(path);
+            Ok(())
+        }
+        _ => Err(tlv.malformed_as_path()),
+    }
+}
+
+/// AS4_AGGREGATOR (RFC 6793): 4-octet AS, then the 4-octet BGP identifier.
+fn decode_as4_aggregator(
+    c: &mut Collected,
+    tlv: &Tlv,
+    ctx: &DecodeContext,
+) -> Result<(), DecodeError> {
+    // Ignored between two 4-octet speakers, like AS4_PATH.
+    if ctx.four_octet_as {
+        return Ok(());
+    }
+    let mut value = tlv.value_of_len(8)?;
+    c.as4_aggregator = Some(Aggregator {
+        asn: value.get_u32(),
+        address: get_ipv4(&mut value),
+    });
+    Ok(())
 }
 
 fn put_header(buf: &mut impl BufMut, flags: u8, type_code: u8, len: usize) {
@@ -691,10 +838,6 @@ fn put_header(buf: &mut impl BufMut, flags: u8, type_code: u8, len: usize) {
         buf.put_u8(len as u8);
     }
 }
-
-const WELL_KNOWN: u8 = flag::TRANSITIVE;
-const OPT_TRANS: u8 = flag::OPTIONAL | flag::TRANSITIVE;
-const OPT_NON_TRANS: u8 = flag::OPTIONAL;
 
 impl PathAttributes {
     /// True if no attribute is set (a withdraw-only UPDATE).
