@@ -309,6 +309,56 @@ pub struct Ipam<S> {
     retry: RetryPolicy,
 }
 
+/// The attempts of one compare-and-swap loop (read, change, write back): at most
+/// [`RetryPolicy::max_attempts`], with a jittered exponential backoff after each conflict. Every
+/// such loop of the allocator counts its attempts here, so the bound, the pacing and the error
+/// when the bound is hit are the same for all of them.
+struct CasRetry<'a, S> {
+    ipam: &'a Ipam<S>,
+    kind: &'static str,
+    name: &'a str,
+    /// Attempts started so far.
+    started: u32,
+}
+
+impl<S: Store> CasRetry<'_, S> {
+    /// Starts an attempt; [`IpamError::TooManyConflicts`] once they are all spent, so that a
+    /// livelock between hosts ends in an error rather than in a CNI ADD that never returns.
+    fn attempt(&mut self) -> Result<(), IpamError> {
+        let max = self.ipam.retry.max_attempts;
+        if self.started >= max {
+            return Err(IpamError::TooManyConflicts {
+                kind: self.kind,
+                name: self.name.to_string(),
+                attempts: max,
+            });
+        }
+        self.started += 1;
+        Ok(())
+    }
+
+    /// The current attempt lost to another writer: wait before the next one.
+    async fn back_off(&self) {
+        let retry = &self.ipam.retry;
+        let attempt = self.started.saturating_sub(1);
+        let exp = retry
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(retry.max_delay);
+        // Full jitter: uniform in [0, exp], so colliding writers spread out.
+        let nanos = u64::try_from(exp.as_nanos()).unwrap_or(u64::MAX);
+        let jittered = if nanos == 0 {
+            0
+        } else {
+            rand::random::<u64>() % (nanos + 1)
+        };
+        self.ipam
+            .store
+            .backoff(Duration::from_nanos(jittered))
+            .await;
+    }
+}
+
 /// FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -408,27 +458,13 @@ impl<S: Store> Ipam<S> {
         &self.store
     }
 
-    async fn pause(&self, attempt: u32) {
-        let exp = self
-            .retry
-            .base_delay
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.retry.max_delay);
-        // Full jitter: uniform in [0, exp], so colliding writers spread out.
-        let nanos = u64::try_from(exp.as_nanos()).unwrap_or(u64::MAX);
-        let jittered = if nanos == 0 {
-            0
-        } else {
-            rand::random::<u64>() % (nanos + 1)
-        };
-        self.store.backoff(Duration::from_nanos(jittered)).await;
-    }
-
-    fn too_many<K: crate::model::Resource>(&self, name: &str) -> IpamError {
-        IpamError::TooManyConflicts {
+    /// The attempts of one compare-and-swap loop on the object `name` of kind `K`.
+    fn cas_retry<'a, K: crate::model::Resource>(&'a self, name: &'a str) -> CasRetry<'a, S> {
+        CasRetry {
+            ipam: self,
             kind: K::KIND,
-            name: name.to_string(),
-            attempts: self.retry.max_attempts,
+            name,
+            started: 0,
         }
     }
 
@@ -829,7 +865,9 @@ impl<S: Store> Ipam<S> {
         released_here: &mut BTreeSet<String>,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let name = block_name(cidr);
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamBlock>(&name);
+        loop {
+            cas.attempt()?;
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
                 Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
@@ -868,7 +906,7 @@ impl<S: Store> Ipam<S> {
                     BlockWrite::Done => return Ok(done(released_here)),
                     BlockWrite::Gone => return Ok(Vec::new()),
                     BlockWrite::Conflict => {
-                        self.pause(attempt).await;
+                        cas.back_off().await;
                         continue;
                     }
                 }
@@ -882,14 +920,13 @@ impl<S: Store> Ipam<S> {
                     if matches!(e, StoreError::NotFound { .. }) {
                         return Ok(Vec::new());
                     }
-                    self.pause(attempt).await;
+                    cas.back_off().await;
                 }
                 // The write may or may not have landed (e.g. a timeout): keep the handle count,
                 // since a handle that over-counts is harmless and one that under-counts leaks.
                 Err(other) => return Err(other.into()),
             }
         }
-        Err(self.too_many::<IpamBlock>(&name))
     }
 
     /// Writes a block holding new `ordinals` for a handle that must not exist yet, and creates
@@ -991,7 +1028,9 @@ impl<S: Store> Ipam<S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamHandle>(&name);
+        loop {
+            cas.attempt()?;
             let mut handle = match self.store.get::<IpamHandle>(&name).await {
                 Ok(h) if h.spec.deleted == Some(true) => {
                     // Calico marks a handle before deleting it; finish that deletion first.
@@ -1011,7 +1050,7 @@ impl<S: Store> Ipam<S> {
                     match self.store.create(&new_handle()).await {
                         Ok(_) => return Ok(()),
                         Err(StoreError::AlreadyExists { .. }) => {
-                            self.pause(attempt).await;
+                            cas.back_off().await;
                             continue;
                         }
                         Err(e) => return Err(e.into()),
@@ -1033,12 +1072,11 @@ impl<S: Store> Ipam<S> {
             match result {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                    self.pause(attempt).await
+                    cas.back_off().await
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(self.too_many::<IpamHandle>(&name))
     }
 
     /// Completes a deletion Calico started (block marked `deleted`) if the block is empty, so its
@@ -1167,7 +1205,9 @@ impl<S: Store> Ipam<S> {
 
         // Confirm the affinity, unless a release of the same block started meanwhile (another
         // request of this host emptying it): that release may delete the block, so it wins.
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<BlockAffinity>(&aff_name);
+        loop {
+            cas.attempt()?;
             let mut a = match self.store.get::<BlockAffinity>(&aff_name).await {
                 Ok(a) => a,
                 Err(StoreError::NotFound { .. }) => {
@@ -1203,12 +1243,11 @@ impl<S: Store> Ipam<S> {
             match self.store.update(&a).await {
                 Ok(_) => return Ok(true),
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                    self.pause(attempt).await
+                    cas.back_off().await
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(self.too_many::<BlockAffinity>(&aff_name))
     }
 
     /// Whether the block exists, is not being deleted, and is affine to `node`.
@@ -1228,7 +1267,9 @@ impl<S: Store> Ipam<S> {
         pred: impl Fn(&BlockAffinity) -> bool,
     ) -> Result<(), IpamError> {
         let name = affinity_name(node, cidr);
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<BlockAffinity>(&name);
+        loop {
+            cas.attempt()?;
             let a = match self.store.get::<BlockAffinity>(&name).await {
                 Ok(a) => a,
                 Err(StoreError::NotFound { .. }) => return Ok(()),
@@ -1240,11 +1281,10 @@ impl<S: Store> Ipam<S> {
             let rev = a.metadata.resource_version.clone().unwrap_or_default();
             match self.store.delete::<BlockAffinity>(&name, &rev).await {
                 Ok(()) | Err(StoreError::NotFound { .. }) => return Ok(()),
-                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(StoreError::Conflict { .. }) => cas.back_off().await,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(self.too_many::<BlockAffinity>(&name))
     }
 
     /// Assigns one specific address to a handle, claiming its block for `node` if no one has it.
@@ -1268,12 +1308,14 @@ impl<S: Store> Ipam<S> {
             return Err(IpamError::NotInPool(ip));
         };
         let strict = self.settings().await?.strict_affinity;
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamBlock>(&name);
+        loop {
+            cas.attempt()?;
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
                 Ok(dying) => {
                     self.finish_block_deletion(&dying).await?;
-                    self.pause(attempt).await;
+                    cas.back_off().await;
                     continue;
                 }
                 Err(StoreError::NotFound { .. }) => {
@@ -1307,13 +1349,12 @@ impl<S: Store> Ipam<S> {
                 Ok(_) => return Ok(()),
                 Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
                     self.adjust_handle(handle_id, &cidr, -1).await?;
-                    self.pause(attempt).await;
+                    cas.back_off().await;
                 }
                 // Ambiguous outcome: keep the handle count (see assign_from_block).
                 Err(other) => return Err(other.into()),
             }
         }
-        Err(self.too_many::<IpamBlock>(&name))
     }
 
     /// Addresses currently held by a handle.
@@ -1497,7 +1538,9 @@ impl<S: Store> Ipam<S> {
     async fn release_by_handle_record(&self, handle_id: &str) -> Result<Vec<IpAddr>, IpamError> {
         let name = handle_name(handle_id);
         let mut released = Vec::new();
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamHandle>(&name);
+        loop {
+            cas.attempt()?;
             let handle = match self.store.get::<IpamHandle>(&name).await {
                 Ok(h) => h,
                 Err(StoreError::NotFound { .. }) => return Ok(released),
@@ -1517,11 +1560,10 @@ impl<S: Store> Ipam<S> {
                     return Ok(released);
                 }
                 // An assignment to this handle raced us: go again with its new blocks.
-                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(StoreError::Conflict { .. }) => cas.back_off().await,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(self.too_many::<IpamHandle>(&name))
     }
 
     async fn release_handle_in_block(
@@ -1544,7 +1586,9 @@ impl<S: Store> Ipam<S> {
         skip_handles: bool,
     ) -> Result<Vec<IpAddr>, IpamError> {
         let name = block_name(cidr);
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamBlock>(&name);
+        loop {
+            cas.attempt()?;
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) => b,
                 Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
@@ -1595,12 +1639,11 @@ impl<S: Store> Ipam<S> {
                         .map(|r| ordinal_to_ip(cidr, r.ordinal))
                         .collect());
                 }
-                Err(StoreError::Conflict { .. }) => self.pause(attempt).await,
+                Err(StoreError::Conflict { .. }) => cas.back_off().await,
                 Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(self.too_many::<IpamBlock>(&name))
     }
 
     /// An emptied block: delete it if it has no affinity; release its host's affinity if that host
@@ -1652,7 +1695,9 @@ impl<S: Store> Ipam<S> {
     ) -> Result<AffinityRelease, IpamError> {
         let aff_name = affinity_name(node, cidr);
         let blk_name = block_name(cidr);
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<BlockAffinity>(&aff_name);
+        loop {
+            cas.attempt()?;
             let aff = match self.store.get::<BlockAffinity>(&aff_name).await {
                 Ok(mut a) => {
                     if a.spec.state != AffinityState::PendingDeletion {
@@ -1660,7 +1705,7 @@ impl<S: Store> Ipam<S> {
                         match self.store.update(&a).await {
                             Ok(stored) => Some(stored),
                             Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                                self.pause(attempt).await;
+                                cas.back_off().await;
                                 continue;
                             }
                             Err(e) => return Err(e.into()),
@@ -1699,7 +1744,7 @@ impl<S: Store> Ipam<S> {
                     _ => false,
                 };
                 if !same {
-                    self.pause(attempt).await;
+                    cas.back_off().await;
                     continue;
                 }
             }
@@ -1716,7 +1761,7 @@ impl<S: Store> Ipam<S> {
                         match self.store.update(&*a).await {
                             Ok(stored) => *a = stored,
                             Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {
-                                self.pause(attempt).await;
+                                cas.back_off().await;
                                 continue;
                             }
                             Err(e) => return Err(e.into()),
@@ -1728,7 +1773,7 @@ impl<S: Store> Ipam<S> {
                             outcome = AffinityRelease::Deleted
                         }
                         Err(StoreError::Conflict { .. }) => {
-                            self.pause(attempt).await;
+                            cas.back_off().await;
                             continue;
                         }
                         Err(e) => return Err(e.into()),
@@ -1742,7 +1787,7 @@ impl<S: Store> Ipam<S> {
                             match self.store.update(&a).await {
                                 Ok(_) => return Ok(AffinityRelease::KeptNotEmpty),
                                 Err(StoreError::Conflict { .. }) => {
-                                    self.pause(attempt).await;
+                                    cas.back_off().await;
                                     continue;
                                 }
                                 Err(StoreError::NotFound { .. }) => {}
@@ -1755,7 +1800,7 @@ impl<S: Store> Ipam<S> {
                     match self.store.update(&b).await {
                         Ok(_) => outcome = AffinityRelease::Unaffined,
                         Err(StoreError::Conflict { .. }) => {
-                            self.pause(attempt).await;
+                            cas.back_off().await;
                             continue;
                         }
                         Err(StoreError::NotFound { .. }) => {}
@@ -1769,7 +1814,7 @@ impl<S: Store> Ipam<S> {
                 match self.store.delete::<BlockAffinity>(&aff_name, &rev).await {
                     Ok(()) | Err(StoreError::NotFound { .. }) => {}
                     Err(StoreError::Conflict { .. }) => {
-                        self.pause(attempt).await;
+                        cas.back_off().await;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
@@ -1777,7 +1822,6 @@ impl<S: Store> Ipam<S> {
             }
             return Ok(outcome);
         }
-        Err(self.too_many::<BlockAffinity>(&aff_name))
     }
 
     /// Releases specific addresses, whoever holds them; returns those that were allocated.

@@ -200,7 +200,9 @@ impl<S: Store> Ipam<S> {
     ) -> Result<Option<GroupWrite>, IpamError> {
         let name = block_name(cidr);
         let node = &batch.reqs[group[0]].node;
-        for attempt in 0..self.retry.max_attempts {
+        let mut cas = self.cas_retry::<IpamBlock>(&name);
+        loop {
+            cas.attempt()?;
             let mut block = match self.store.get::<IpamBlock>(&name).await {
                 Ok(b) if !b.spec.is_deleted() => b,
                 Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(None),
@@ -266,7 +268,7 @@ impl<S: Store> Ipam<S> {
                     if matches!(e, StoreError::NotFound { .. }) {
                         return Ok(None);
                     }
-                    self.pause(attempt).await;
+                    cas.back_off().await;
                 }
                 // The write may have landed: the handles created stay and count it (the
                 // one-by-one path returns what they hold); a member whose create failed
@@ -284,7 +286,6 @@ impl<S: Store> Ipam<S> {
                 }
             }
         }
-        Err(self.too_many::<IpamBlock>(&name))
     }
 
     /// After the group's block write landed: members whose handle was created have their
